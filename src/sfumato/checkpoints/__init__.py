@@ -1,0 +1,1 @@
+"""Checkpoint formats: native safetensors, SD single-file, diffusers folders, CLIP state dicts."""

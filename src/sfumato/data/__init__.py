@@ -1,0 +1,1 @@
+"""Datasets: image-caption folders and built-in synthetic data."""

@@ -1,0 +1,1 @@
+"""Networks: VAE, U-Net, CLIP, toy MLP. Each has a config dataclass as its only constructor argument."""

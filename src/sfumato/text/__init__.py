@@ -1,0 +1,1 @@
+"""Tokenizers (CLIP BPE)."""
