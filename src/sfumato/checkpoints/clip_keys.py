@@ -11,6 +11,7 @@ as ``x @ proj``, i.e. the transpose of a Linear weight.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 
@@ -230,10 +231,9 @@ def infer_config(
             projection_dim=None if proj is None else proj.shape[0],
         )
     if text is not None and vision is not None:
-        kw = {}
-        if "logit_bias" in state_dict:
-            kw["logit_bias_init"] = float(state_dict["logit_bias"])
-        return CLIPConfig(text=text, vision=vision, **kw)
+        if "logit_bias" in state_dict:  # SigLIP head; init values of Zhai et al. 2023, loaded over anyway
+            return CLIPConfig(text=text, vision=vision, logit_scale_init=math.log(10), logit_bias_init=-10.0)
+        return CLIPConfig(text=text, vision=vision)
     if text is None and vision is None:
         raise KeyError(
             "found neither text_model.embeddings.token_embedding.weight nor "

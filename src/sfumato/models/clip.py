@@ -97,7 +97,7 @@ class CLIPConfig:
 
 
 def _check_tower(name: str, width: int, heads: int, act: str) -> None:
-    if width % heads:
+    if heads < 1 or width % heads:
         raise ValueError(f"{name}.width={width} is not divisible by heads={heads}; pick heads = width // 64")
     if act not in ACTIVATIONS:
         raise ValueError(f"{name}.act must be one of {ACTIVATIONS}, got {act!r}")
