@@ -71,8 +71,8 @@ def _run_diffusers(sched, steps, x_start, *, eta=None, seed=7):
     return states
 
 
-def _run_ours(sampler, sigmas, x_start_ve, prediction, *, quantize=False, seed=7, **kw):
-    den = DiscreteDenoiser(NET, SCHEDULE, prediction, quantize=quantize)
+def _run_ours(sampler, sigmas, x_start_ve, prediction, *, quantize=False, seed=7, schedule=SCHEDULE, **kw):
+    den = DiscreteDenoiser(NET, schedule, prediction, quantize=quantize)
     states = []
     sampler(den, x_start_ve, sigmas, generator=torch.Generator().manual_seed(seed),
             callback=lambda d: states.append(d["x"]), **kw)
@@ -126,12 +126,12 @@ def test_ddim(steps, prediction, eta):
     assert _compare(ours, theirs, sigmas, vp=True) <= TOL
 
 
-def _euler_like(cls, sampler, steps, prediction, spacing, **extra):
+def _euler_like(cls, sampler, steps, prediction, spacing, schedule=SCHEDULE, **extra):
     offset = 1 if spacing == "leading" else 0
     sched = cls(**SD_BETAS, prediction_type=PREDICTIONS[prediction], timestep_spacing=spacing, steps_offset=offset,
                 **extra)
     sched.set_timesteps(steps)
-    sigmas = sampling_sigmas(SCHEDULE, steps, spacing=spacing, steps_offset=offset,
+    sigmas = sampling_sigmas(schedule, steps, spacing=spacing, steps_offset=offset,
                              kind="karras" if extra.get("use_karras_sigmas") else "discrete")
     their_sigmas = sched.sigmas
     if cls is diffusers.HeunDiscreteScheduler:  # [σ0, σ1, σ1, σ2, σ2, …, 0]: the corrector repeats each level
@@ -139,7 +139,7 @@ def _euler_like(cls, sampler, steps, prediction, spacing, **extra):
     assert torch.allclose(sigmas.float(), their_sigmas, rtol=SIGMA_RTOL), "σ ladders differ"
     x = _noise() * sched.init_noise_sigma  # VE start, as diffusers scales it
     theirs = _run_diffusers(sched, steps, x)
-    ours = _run_ours(sampler, sigmas, x, prediction)
+    ours = _run_ours(sampler, sigmas, x, prediction, schedule=schedule)
     return _compare(ours, theirs, sigmas, vp=False)
 
 
@@ -148,6 +148,17 @@ def _euler_like(cls, sampler, steps, prediction, spacing, **extra):
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
 def test_euler(steps, prediction, spacing):
     assert _euler_like(diffusers.EulerDiscreteScheduler, S.sample_euler, steps, prediction, spacing) <= TOL
+
+
+@pytest.mark.parametrize("steps", STEPS)
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_linspace_spacing(steps, prediction, sampler):
+    """diffusers' default Euler/Heun spacing puts fractional timesteps at σ interpolated linearly in t;
+    a schedule built with ``interpolation="linear"`` reproduces it (the default log rule differs slightly)."""
+    cls = {"euler": diffusers.EulerDiscreteScheduler, "heun": diffusers.HeunDiscreteScheduler}[sampler]
+    linear = DiscreteSchedule.named("scaled_linear", interpolation="linear")
+    assert _euler_like(cls, S.SAMPLERS[sampler], steps, prediction, "linspace", schedule=linear) <= TOL
 
 
 @pytest.mark.parametrize("steps", STEPS)

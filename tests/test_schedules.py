@@ -59,8 +59,9 @@ def test_zero_terminal_snr_rescale():
     assert math.isfinite(sch.DiscreteSchedule(ac).sigma_max)
 
 
-def test_sigma_t_round_trip_is_exact():
-    s = sch.DiscreteSchedule.named("scaled_linear")
+@pytest.mark.parametrize("interpolation", ["log", "linear"])
+def test_sigma_t_round_trip_is_exact(interpolation):
+    s = sch.DiscreteSchedule.named("scaled_linear", interpolation=interpolation)
     t = torch.tensor([0.0, 0.5, 1.0, 17.25, 500.0, 998.9, 999.0], dtype=torch.float64)
     assert torch.allclose(s.sigma_to_t(s.t_to_sigma(t)), t, atol=1e-9)
     ints = torch.arange(1000, dtype=torch.float64)

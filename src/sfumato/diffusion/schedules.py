@@ -93,11 +93,16 @@ def sigma_to_alpha_bar(sigma: torch.Tensor | float) -> torch.Tensor:
 class DiscreteSchedule:
     """The T training noise levels of a discrete-time model and the map between timestep t and sigma.
 
-    ``t_to_sigma`` and ``sigma_to_t`` interpolate log σ linearly between integer timesteps (as k-diffusion and
-    diffusers' ``_sigma_to_t`` do), so they are exact inverses and integer timesteps map to their exact σ.
+    ``t_to_sigma`` and ``sigma_to_t`` interpolate between integer timesteps by the same rule, so they are
+    exact inverses and integer timesteps map to their exact σ. The rule is ``interpolation="log"`` (log σ
+    linear in t, as k-diffusion and diffusers' ``_sigma_to_t``) or ``"linear"`` (σ linear in t, as diffusers'
+    Euler/Heun place fractional "linspace" timesteps); they differ only between training levels.
     """
 
-    def __init__(self, alphas_cumprod: torch.Tensor):
+    def __init__(self, alphas_cumprod: torch.Tensor, interpolation: Literal["log", "linear"] = "log"):
+        if interpolation not in ("log", "linear"):
+            raise ValueError(f"interpolation must be 'log' or 'linear', got {interpolation!r}")
+        self.interpolation = interpolation
         ac = alphas_cumprod.double()
         if ac.ndim != 1 or len(ac) < 2:
             raise ValueError(f"alphas_cumprod must be a 1-D tensor of T >= 2 levels, got shape {tuple(ac.shape)}")
@@ -113,13 +118,25 @@ class DiscreteSchedule:
         self.log_sigmas = self.sigmas.log()
 
     @classmethod
-    def from_betas(cls, betas: torch.Tensor) -> DiscreteSchedule:
-        return cls(alphas_cumprod(betas))
+    def from_betas(cls, betas: torch.Tensor, interpolation: Literal["log", "linear"] = "log") -> DiscreteSchedule:
+        return cls(alphas_cumprod(betas), interpolation)
 
     @classmethod
-    def named(cls, name: str = "scaled_linear", num_timesteps: int = 1000, **kwargs) -> DiscreteSchedule:
+    def named(
+        cls, name: str = "scaled_linear", num_timesteps: int = 1000, interpolation: str = "log", **kwargs
+    ) -> DiscreteSchedule:
         """``DiscreteSchedule.named("scaled_linear")`` is Stable Diffusion's; "linear" is DDPM's."""
-        return cls.from_betas(make_betas(name, num_timesteps, **kwargs))
+        return cls.from_betas(make_betas(name, num_timesteps, **kwargs), interpolation)
+
+    def _table(self) -> torch.Tensor:
+        """The per-level values that are interpolated linearly in t: log σ or σ."""
+        return self.log_sigmas if self.interpolation == "log" else self.sigmas
+
+    def _to_table(self, sigma: torch.Tensor) -> torch.Tensor:
+        return sigma.log() if self.interpolation == "log" else sigma
+
+    def _from_table(self, v: torch.Tensor) -> torch.Tensor:
+        return v.exp() if self.interpolation == "log" else v
 
     @property
     def num_timesteps(self) -> int:
@@ -134,22 +151,22 @@ class DiscreteSchedule:
         return float(self.sigmas[-1])
 
     def t_to_sigma(self, t: torch.Tensor | float) -> torch.Tensor:
-        """σ at (possibly fractional) timesteps, interpolating log σ. float64."""
+        """σ at (possibly fractional) timesteps. float64."""
         t = torch.as_tensor(t, dtype=torch.float64).clamp(0, self.num_timesteps - 1)
         low = t.floor().long().clamp(max=self.num_timesteps - 2)
         w = t - low
-        return ((1 - w) * self.log_sigmas[low] + w * self.log_sigmas[low + 1]).exp()
+        table = self._table()
+        return self._from_table((1 - w) * table[low] + w * table[low + 1])
 
     def sigma_to_t(self, sigma: torch.Tensor | float) -> torch.Tensor:
         """The (fractional) timestep whose σ is ``sigma``; the inverse of ``t_to_sigma``. float64."""
-        log_sigma = torch.as_tensor(sigma, dtype=torch.float64).log()
-        # index of the last training level with log σ <= log_sigma, kept where an interval [low, low+1] exists
-        low = (torch.searchsorted(self.log_sigmas, log_sigma.reshape(-1), right=True) - 1).clamp(
-            0, self.num_timesteps - 2
-        )
-        lo, hi = self.log_sigmas[low], self.log_sigmas[low + 1]
-        w = ((log_sigma.reshape(-1) - lo) / (hi - lo)).clamp(0, 1)
-        return (low + w).reshape(log_sigma.shape)
+        v = self._to_table(torch.as_tensor(sigma, dtype=torch.float64))
+        table = self._table()
+        # index of the last training level at or below σ, kept where an interval [low, low+1] exists
+        low = (torch.searchsorted(table, v.reshape(-1), right=True) - 1).clamp(0, self.num_timesteps - 2)
+        lo, hi = table[low], table[low + 1]
+        w = ((v.reshape(-1) - lo) / (hi - lo)).clamp(0, 1)
+        return (low + w).reshape(v.shape)
 
 
 # --- sampling spacings ------------------------------------------------------------------------------
