@@ -1,0 +1,320 @@
+"""Building blocks of the Stable Diffusion U-Net and KL autoencoder.
+
+Attribute names follow the original CompVis latent-diffusion code (Rombach et al. 2022,
+github.com/CompVis/stable-diffusion, `ldm/modules/diffusionmodules/openaimodel.py`,
+`ldm/modules/attention.py` and `ldm/modules/diffusionmodules/model.py`), so that the state dict of a
+model built from these blocks *is* the state dict of an SD 1.x/2.x checkpoint: `in_layers.2`,
+`emb_layers.1`, `transformer_blocks.0.attn1.to_q`, `nin_shortcut`, ... Index-named children
+(`in_layers.0`, `out_layers.3`) are `nn.Sequential`s laid out exactly as in ldm, Dropout and SiLU
+included, because the position of a layer is part of its checkpoint name.
+
+Nothing here allocates anything but parameters in `__init__`, so every block can be built under
+`torch.device("meta")` and filled with `load_state_dict(..., assign=True)`.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ldm's `normalization()` / `Normalize()`: GroupNorm always has 32 groups in Stable Diffusion.
+NORM_GROUPS = 32
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 and cast back, as ldm's `GroupNorm32` does for fp16 inference."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).type(x.dtype)
+
+
+def group_norm(channels: int, eps: float) -> GroupNorm32:
+    """32-group norm; U-Net ResBlocks use eps 1e-5, transformers and the VAE use 1e-6 (as in ldm)."""
+    if channels % NORM_GROUPS != 0:
+        raise ValueError(
+            f"GroupNorm with {NORM_GROUPS} groups needs channels divisible by {NORM_GROUPS}, got {channels}; "
+            f"choose model widths that are multiples of {NORM_GROUPS}"
+        )
+    return GroupNorm32(NORM_GROUPS, channels, eps=eps)
+
+
+def zero_init_(module: nn.Module) -> nn.Module:
+    """Zero a layer's parameters (ldm's `zero_module`): residual branches start as the identity."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, cosines first.
+
+    The transformer position encoding of Vaswani et al. 2017 (sec. 3.5) applied to the diffusion step,
+    as in Ho et al. 2020 and ldm's `timestep_embedding`: frequencies `max_period ** (-i / half)`,
+    output `[cos(t f), sin(t f)]`. t: (B,) -> (B, dim). Computed in float32 whatever the model dtype,
+    because t up to 1000 times a frequency near 1 needs more than fp16's 11 bits.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None, :]  # (B, 1) * (1, half) -> (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, half) x2 -> (B, 2*half)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)  # odd dim: pad one zero column
+    return emb
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Multi-head softmax(q k^T / sqrt(hd)) v over token sequences (Vaswani et al. 2017, eq. 1).
+
+    q: (B, Tq, nh*hd), k and v: (B, Tk, nh*hd) -> (B, Tq, nh*hd).
+    """
+    B, Tq, C = q.shape
+    hd = C // num_heads
+    q = q.view(B, Tq, num_heads, hd).transpose(1, 2)  # (B, Tq, nh*hd) -> (B, nh, Tq, hd)
+    k = k.view(B, k.shape[1], num_heads, hd).transpose(1, 2)  # (B, Tk, nh*hd) -> (B, nh, Tk, hd)
+    v = v.view(B, v.shape[1], num_heads, hd).transpose(1, 2)  # (B, Tk, nh*hd) -> (B, nh, Tk, hd)
+    out = F.scaled_dot_product_attention(q, k, v)  # (B, nh, Tq, hd)
+    return out.transpose(1, 2).reshape(B, Tq, C)  # (B, nh, Tq, hd) -> (B, Tq, nh*hd)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling then a 3x3 conv (ldm `Upsample`, same in U-Net and VAE)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (B, C, H, W) -> (B, C, 2H, 2W)
+        return self.conv(x)
+
+
+# ---------------------------------------------------------------------------------------------------
+# U-Net blocks (ldm openaimodel.py and attention.py)
+# ---------------------------------------------------------------------------------------------------
+
+
+class Downsample(nn.Module):
+    """U-Net downsampling: a stride-2 3x3 conv with symmetric padding, named `op` as in ldm."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)  # (B, C, H, W) -> (B, C, H/2, W/2)
+
+
+class ResBlock(nn.Module):
+    """U-Net residual block with the timestep embedding added between its two convs.
+
+    Ho et al. 2020 (appendix B) after the Wide ResNet; ldm `ResBlock` without scale-shift norm:
+    h = conv(SiLU(GN(x))); h += Linear(SiLU(emb)); h = conv(Dropout(SiLU(GN(h)))); return skip(x) + h.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, emb_channels: int, dropout: float = 0.0):
+        super().__init__()
+        self.in_layers = nn.Sequential(
+            group_norm(in_channels, eps=1e-5), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        )
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(
+            group_norm(out_channels, eps=1e-5),
+            nn.SiLU(),
+            nn.Dropout(dropout),
+            zero_init_(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
+        )
+        # a 1x1 conv only where the width changes, as in ldm (no parameters otherwise)
+        self.skip_connection = (
+            nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+        )
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb).type(h.dtype)[:, :, None, None]  # (B, C) -> (B, C, 1, 1), broadcast
+        h = self.out_layers(h)
+        return self.skip_connection(x) + h
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of `x` on `context` (self-attention when context is None); ldm naming.
+
+    q, k, v projections have no bias; the output projection does (`to_out.0`; `to_out.1` is Dropout).
+    """
+
+    def __init__(self, query_dim: int, num_heads: int, head_dim: int, context_dim: int | None = None):
+        super().__init__()
+        inner = num_heads * head_dim
+        context_dim = query_dim if context_dim is None else context_dim
+        self.num_heads = num_heads
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        h = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.num_heads)
+        return self.to_out(h)
+
+
+class GEGLU(nn.Module):
+    """Gated GELU projection (Shazeer 2020, "GLU Variants Improve Transformer", eq. 5): a * GELU(b)."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, 2 * dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, gate = self.proj(x).chunk(2, dim=-1)  # (B, T, 2*D) -> 2 x (B, T, D); value half first as in ldm
+        return a * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """Transformer MLP with GEGLU and 4x width: `net.0` GEGLU, `net.1` Dropout, `net.2` Linear (ldm)."""
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm transformer block: self-attention, cross-attention on the text, GEGLU MLP (ldm)."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, context_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, num_heads, head_dim)
+        self.ff = FeedForward(dim, dropout=dropout)
+        self.attn2 = CrossAttention(dim, num_heads, head_dim, context_dim=context_dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer over the pixels of a feature map, conditioned on `context` (Rombach et al. 2022, sec. 3.3).
+
+    GroupNorm, a projection to `num_heads * head_dim` channels, `depth` transformer blocks, a projection
+    back and a residual connection. SD 1.x projects with 1x1 convs, SD 2.x with Linear layers
+    (`use_linear`); the two are the same map, only the checkpoint shapes differ, so we keep each one's.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        num_heads: int,
+        head_dim: int,
+        context_dim: int,
+        depth: int = 1,
+        use_linear: bool = False,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        inner = num_heads * head_dim
+        self.use_linear = use_linear
+        self.norm = group_norm(channels, eps=1e-6)
+        if use_linear:
+            self.proj_in = nn.Linear(channels, inner)
+            self.proj_out = zero_init_(nn.Linear(inner, channels))
+        else:
+            self.proj_in = nn.Conv2d(channels, inner, 1)
+            self.proj_out = zero_init_(nn.Conv2d(inner, channels, 1))
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, num_heads, head_dim, context_dim, dropout) for _ in range(depth)
+        )
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        if not self.use_linear:
+            h = self.proj_in(h)
+        h = h.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C)
+        if self.use_linear:
+            h = self.proj_in(h)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        if self.use_linear:
+            h = self.proj_out(h)
+        h = h.transpose(1, 2).reshape(B, -1, H, W)  # (B, H*W, C) -> (B, C, H, W)
+        if not self.use_linear:
+            h = self.proj_out(h)
+        return x + h
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A U-Net stage (ldm's class of that name): passes `emb` to ResBlocks, `context` to transformers."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+# ---------------------------------------------------------------------------------------------------
+# KL-autoencoder blocks (ldm diffusionmodules/model.py)
+# ---------------------------------------------------------------------------------------------------
+
+
+class VAEDownsample(nn.Module):
+    """Autoencoder downsampling: pad right/bottom by one, then a stride-2 3x3 conv without padding (ldm)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x, (0, 1, 0, 1))  # (B, C, H, W) -> (B, C, H+1, W+1), zeros on the right and bottom
+        return self.conv(x)  # -> (B, C, H/2, W/2)
+
+
+class ResnetBlock(nn.Module):
+    """Autoencoder residual block (ldm `ResnetBlock` without timestep): two GN-SiLU-conv layers + shortcut."""
+
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = group_norm(in_channels, eps=1e-6)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = group_norm(out_channels, eps=1e-6)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.nin_shortcut = (
+            nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.nin_shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over pixels with 1x1-conv projections (ldm `AttnBlock`)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = group_norm(channels, eps=1e-6)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q, k, v = (proj(h).flatten(2).transpose(1, 2) for proj in (self.q, self.k, self.v))  # -> (B, H*W, C)
+        h = attention(q, k, v, num_heads=1)  # (B, H*W, C)
+        h = h.transpose(1, 2).reshape(B, C, H, W)  # (B, H*W, C) -> (B, C, H, W)
+        return x + self.proj_out(h)

@@ -1,0 +1,195 @@
+"""The KL-regularised autoencoder of latent diffusion (Rombach et al. 2022, sec. 3 and appendix G).
+
+An image x (B, 3, H, W) in [-1, 1] is encoded to a diagonal Gaussian over latents (B, z, H/f, W/f),
+f = 2**(len(ch_mult) - 1) (8 for Stable Diffusion); the decoder maps a latent back to an image. Module
+names are those of the CompVis/ldm `AutoencoderKL`, so `AutoencoderKL(config).state_dict()` has exactly
+the keys found under `first_stage_model.` in an SD 1.x/2.x single-file checkpoint (the loss modules
+of training checkpoints aside):
+
+    encoder.conv_in, encoder.down.{i}.block.{j}, encoder.down.{i}.downsample.conv,
+    encoder.mid.{block_1,attn_1,block_2}, encoder.norm_out, encoder.conv_out, quant_conv,
+    post_quant_conv, decoder.conv_in, decoder.mid.*, decoder.up.{i}.block.{j}, decoder.up.{i}.upsample.conv,
+    decoder.norm_out, decoder.conv_out
+
+`decoder.up.{i}` is numbered by resolution level like `encoder.down.{i}` (0 = full resolution), although
+the decoder runs it last; that is ldm's layout and its checkpoints'.
+
+Latent scale: `encode` and `decode` work on *unscaled* latents. The diffusion model was trained on
+`config.scaling_factor * z` (0.18215 for SD, chosen to give the latents unit variance), so a pipeline
+does `z = scaling_factor * vae.encode(x).sample()` and `x = vae.decode(z / scaling_factor)`.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sfumato.models.layers import AttnBlock, ResnetBlock, Upsample, VAEDownsample, group_norm
+
+
+@dataclass
+class VAEConfig:
+    in_channels: int = 3  # image channels in
+    out_channels: int = 3  # image channels out (ldm's out_ch)
+    ch: int = 128  # width of the full-resolution level; level i is ch * ch_mult[i] wide
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)  # width multiplier per level; len - 1 halvings of H and W
+    num_res_blocks: int = 2  # ResnetBlocks per encoder level (the decoder has one more per level)
+    z_channels: int = 4  # latent channels (ldm's z_channels and embed_dim, equal in every SD VAE)
+    scaling_factor: float = 0.18215  # multiplies latents before diffusion, see the module docstring
+    dropout: float = 0.0  # dropout inside the ResnetBlocks (0 in SD)
+
+    def __post_init__(self):
+        self.ch_mult = tuple(self.ch_mult)  # JSON brings tuples back as lists
+
+    @property
+    def downsample_factor(self) -> int:
+        """Image pixels per latent pixel along each side (8 for SD)."""
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+VAE_PRESETS: dict[str, VAEConfig] = {
+    # the f=8, z=4 KL autoencoder shared by SD 1.x and 2.x (kl-f8, ldm's autoencoder_kl_32x32x4.yaml)
+    "sd": VAEConfig(),
+    # small and fast, for tests and toy training: f=2
+    "tiny": VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1),
+}
+
+
+class DiagonalGaussian:
+    """N(mean, diag(exp(logvar))) over latents, as returned by `AutoencoderKL.encode` (ldm's posterior).
+
+    Built from the encoder's moments (B, 2z, h, w): the first z channels are the mean, the rest the
+    log-variance, clamped to [-30, 20] as in ldm so that exp() stays finite.
+    """
+
+    def __init__(self, moments: torch.Tensor):
+        self.mean, logvar = moments.chunk(2, dim=1)  # (B, 2z, h, w) -> 2 x (B, z, h, w)
+        self.logvar = logvar.clamp(-30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+        self.var = torch.exp(self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """mean + std * noise; noise drawn on the generator's device (CPU by default) for reproducibility."""
+        device = generator.device if generator is not None else "cpu"
+        noise = torch.randn(self.mean.shape, generator=generator, device=device, dtype=torch.float32)
+        return self.mean + self.std * noise.to(self.mean)
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl(self, other: "DiagonalGaussian | None" = None) -> torch.Tensor:
+        """KL(self || other) per sample, summed over latent elements -> (B,); other defaults to N(0, I)."""
+        if other is None:
+            kl = self.mean.square() + self.var - 1.0 - self.logvar
+        else:
+            kl = (self.mean - other.mean).square() / other.var + self.var / other.var - 1.0
+            kl = kl - self.logvar + other.logvar
+        return 0.5 * kl.sum(dim=(1, 2, 3))
+
+
+class Encoder(nn.Module):
+    """Image -> Gaussian moments (B, 2z, H/f, W/f): ResnetBlocks with downsampling, then a mid attention."""
+
+    def __init__(self, c: VAEConfig):
+        super().__init__()
+        self.conv_in = nn.Conv2d(c.in_channels, c.ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        ch = c.ch
+        for level, mult in enumerate(c.ch_mult):
+            down = nn.Module()  # a bare container, so the names read `down.{level}.block.{j}` as in ldm
+            down.block = nn.ModuleList()
+            for _ in range(c.num_res_blocks):
+                down.block.append(ResnetBlock(ch, c.ch * mult, c.dropout))
+                ch = c.ch * mult
+            if level != len(c.ch_mult) - 1:
+                down.downsample = VAEDownsample(ch)
+            self.down.append(down)
+        self.mid = nn.Module()
+        self.mid.block_1 = ResnetBlock(ch, ch, c.dropout)
+        self.mid.attn_1 = AttnBlock(ch)
+        self.mid.block_2 = ResnetBlock(ch, ch, c.dropout)
+        self.norm_out = group_norm(ch, eps=1e-6)
+        self.conv_out = nn.Conv2d(ch, 2 * c.z_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for down in self.down:
+            for block in down.block:
+                h = block(h)
+            if hasattr(down, "downsample"):
+                h = down.downsample(h)  # (B, C, H, W) -> (B, C, H/2, W/2)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """Latent (B, z, h, w) -> image (B, out_channels, f*h, f*w): mid attention, ResnetBlocks, upsampling."""
+
+    def __init__(self, c: VAEConfig):
+        super().__init__()
+        ch = c.ch * c.ch_mult[-1]
+        self.conv_in = nn.Conv2d(c.z_channels, ch, 3, padding=1)
+        self.mid = nn.Module()
+        self.mid.block_1 = ResnetBlock(ch, ch, c.dropout)
+        self.mid.attn_1 = AttnBlock(ch)
+        self.mid.block_2 = ResnetBlock(ch, ch, c.dropout)
+        ups = []
+        for level, mult in reversed(list(enumerate(c.ch_mult))):
+            up = nn.Module()
+            up.block = nn.ModuleList()
+            for _ in range(c.num_res_blocks + 1):
+                up.block.append(ResnetBlock(ch, c.ch * mult, c.dropout))
+                ch = c.ch * mult
+            if level != 0:
+                up.upsample = Upsample(ch)
+            ups.append(up)
+        self.up = nn.ModuleList(reversed(ups))  # indexed by level, 0 = full resolution (ldm order)
+        self.norm_out = group_norm(ch, eps=1e-6)
+        self.conv_out = nn.Conv2d(ch, c.out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(z)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        for up in reversed(self.up):  # lowest resolution first
+            for block in up.block:
+                h = block(h)
+            if hasattr(up, "upsample"):
+                h = up.upsample(h)  # (B, C, H, W) -> (B, C, 2H, 2W)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class AutoencoderKL(nn.Module):
+    """The SD image autoencoder: `encode(x) -> DiagonalGaussian`, `decode(z) -> x`, on unscaled latents."""
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        self.config = config
+        z = config.z_channels
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.quant_conv = nn.Conv2d(2 * z, 2 * z, 1)
+        self.post_quant_conv = nn.Conv2d(z, z, 1)
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        """Posterior over unscaled latents for images x (B, in_channels, H, W) in [-1, 1]."""
+        f = self.config.downsample_factor
+        if x.ndim != 4 or x.shape[1] != self.config.in_channels or x.shape[-2] % f or x.shape[-1] % f:
+            raise ValueError(
+                f"expected images (B, {self.config.in_channels}, H, W) with H and W multiples of {f}, "
+                f"got {tuple(x.shape)}; crop or resize to a multiple of {f}"
+            )
+        return DiagonalGaussian(self.quant_conv(self.encoder(x)))  # (B, 2z, H/f, W/f)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Images (about [-1, 1]) from *unscaled* latents: divide diffusion latents by scaling_factor."""
+        if z.ndim != 4 or z.shape[1] != self.config.z_channels:
+            raise ValueError(f"expected latents (B, {self.config.z_channels}, h, w), got {tuple(z.shape)}")
+        return self.decoder(self.post_quant_conv(z))
+
+    def forward(
+        self, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, DiagonalGaussian]:
+        """Reconstruction from a posterior sample, and the posterior (for the KL term of training)."""
+        posterior = self.encode(x)
+        return self.decode(posterior.sample(generator)), posterior
