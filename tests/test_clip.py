@@ -219,6 +219,20 @@ def test_sd2_style_text_encoder_from_open_clip_layout():
         assert _maxdiff(ours(ids, skip=1).last_hidden_state, penultimate) <= TOL
 
 
+def test_sd1_single_file_text_encoder_loads_with_a_prefix_strip():
+    ref = _randomise(transformers.CLIPTextModel(_hf_text_config("quick_gelu")))
+    prefix = "cond_stage_model.transformer."
+    single_file = {prefix + "text_model." + k: v for k, v in ref.state_dict().items()}
+    # transformers < 4.31 saved this buffer; SD 1.x files carry it, sometimes as damaged floats
+    single_file[prefix + "text_model.embeddings.position_ids"] = torch.arange(CTX)[None] - 0.3
+    single_file["model.diffusion_model.out.2.bias"] = torch.zeros(4)
+    sd = {k[len(prefix):]: v for k, v in single_file.items() if k.startswith(prefix)}
+    ours = CLIPTextModel(_ours_text_config("quick_gelu", projection_dim=None)).eval()
+    ours.load_state_dict(sd, strict=True)  # plain torch loading, no renames
+    with torch.no_grad():
+        assert _maxdiff(ours(_ids()).last_hidden_state, ref(_ids()).last_hidden_state) <= TOL
+
+
 def test_openai_round_trip_and_metadata_keys():
     model = CLIP(PRESETS["tiny-siglip"])
     sd = model.state_dict()

@@ -315,7 +315,8 @@ class CLIPTextModel(nn.Module):
 
     ``skip`` gives the conditioning SD 2.x and "clip skip" use: the final LayerNorm applied to the
     hidden state ``skip`` blocks before the last (``hidden_states[-(skip + 1)]``); ``skip=0`` is the usual
-    last hidden state. ``pooled`` and ``embeds`` always come from the last block.
+    last hidden state, SD 2.x uses ``skip=1``, diffusers' ``clip_skip=n`` is ``skip=n`` and A1111's
+    "Clip skip: n" is ``skip=n - 1``. ``pooled`` and ``embeds`` always come from the last block.
     """
 
     def __init__(self, config: CLIPTextConfig):
