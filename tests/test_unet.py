@@ -8,6 +8,7 @@ Three kinds of evidence, all with random weights (no checkpoint can be downloade
    which then computes what we compute: so our names are the ldm names that converter was written for.
 """
 
+import copy
 import dataclasses
 import functools
 
@@ -236,6 +237,17 @@ def test_meta_init_and_assign():
     x, t, context, y = inputs(model, torch.tensor([5.0, 250.0]))
     with torch.no_grad():
         assert torch.equal(model.eval()(x, t, context), ours(name)(x, t, context))
+
+
+def test_runs_in_bfloat16():
+    """A model cast whole to bf16 runs (norms and the timestep embedding compute in fp32 inside)."""
+    model = ours("inpaint-adm")
+    x, t, context, y = inputs(model, torch.tensor([3.5, 600.0]))
+    with torch.no_grad():
+        ref = model(x, t, context, y)
+        low = copy.deepcopy(model).to(torch.bfloat16)(x.bfloat16(), t, context.bfloat16(), y.bfloat16())
+    assert low.dtype == torch.bfloat16
+    assert (low.float() - ref).abs().max() <= 0.05 * ref.abs().max()
 
 
 def test_conversion_errors_name_the_key():

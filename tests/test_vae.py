@@ -5,6 +5,7 @@ the conversion round-trips exactly; and OUR state dict, under `first_stage_model
 diffusers' own ldm converter (`convert_ldm_vae_checkpoint`) and loads strictly into diffusers.
 """
 
+import copy
 import functools
 
 import pytest
@@ -206,6 +207,19 @@ def test_forward_returns_reconstruction_and_posterior():
         expected = model.decode(posterior.sample(torch.Generator().manual_seed(1)))
     assert recon.shape == x.shape and posterior.mean.shape == (2, 4, 8, 8)
     torch.testing.assert_close(recon, expected)
+
+
+def test_runs_in_bfloat16():
+    model = ours("sd-like")
+    x = images()
+    with torch.no_grad():
+        ref = model.decode(model.encode(x).mode())
+        low = copy.deepcopy(model).to(torch.bfloat16)
+        out = low.decode(low.encode(x.bfloat16()).mode())
+    assert out.dtype == torch.bfloat16
+    # bf16 keeps ~3 digits; through ~30 random layers diffusers' own AutoencoderKL cast to bf16 is off by
+    # as much as ours (0.15 vs our 0.13, of a largest value of 2, measured on these weights)
+    assert (out.float() - ref).abs().max() <= 0.1 * ref.abs().max()
 
 
 def test_errors_name_the_key_and_value():

@@ -23,10 +23,14 @@ NORM_GROUPS = 32
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 and cast back, as ldm's `GroupNorm32` does for fp16 inference."""
+    """GroupNorm computed in float32 and cast back, as ldm's `GroupNorm32` does for fp16 inference.
+
+    ldm keeps norm parameters in fp32; we upcast them too, so a model cast whole to fp16/bf16 works.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        w, b = self.weight.float(), self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).type(x.dtype)
 
 
 def group_norm(channels: int, eps: float) -> GroupNorm32:
