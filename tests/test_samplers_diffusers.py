@@ -16,7 +16,13 @@ from torch import nn
 
 from sfumato.diffusion import samplers as S
 from sfumato.diffusion.denoisers import DiscreteDenoiser
-from sfumato.diffusion.schedules import DiscreteSchedule, append_zero, karras_sigmas, sampling_sigmas, timesteps
+from sfumato.diffusion.schedules import (
+    DiscreteSchedule,
+    append_zero,
+    karras_sigmas,
+    sampling_sigmas,
+    timesteps,
+)
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -74,8 +80,14 @@ def _run_diffusers(sched, steps, x_start, *, eta=None, seed=7):
 def _run_ours(sampler, sigmas, x_start_ve, prediction, *, quantize=False, seed=7, schedule=SCHEDULE, **kw):
     den = DiscreteDenoiser(NET, schedule, prediction, quantize=quantize)
     states = []
-    sampler(den, x_start_ve, sigmas, generator=torch.Generator().manual_seed(seed),
-            callback=lambda d: states.append(d["x"]), **kw)
+    sampler(
+        den,
+        x_start_ve,
+        sigmas,
+        generator=torch.Generator().manual_seed(seed),
+        callback=lambda d: states.append(d["x"]),
+        **kw,
+    )
     return states
 
 
@@ -99,8 +111,13 @@ PREDICTIONS = {"eps": "epsilon", "v": "v_prediction"}
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
 def test_ddpm(steps, prediction, spacing):
     offset = 1 if spacing == "leading" else 0
-    sched = diffusers.DDPMScheduler(**SD_BETAS, clip_sample=False, prediction_type=PREDICTIONS[prediction],
-                                    timestep_spacing=spacing, steps_offset=offset)
+    sched = diffusers.DDPMScheduler(
+        **SD_BETAS,
+        clip_sample=False,
+        prediction_type=PREDICTIONS[prediction],
+        timestep_spacing=spacing,
+        steps_offset=offset,
+    )
     sched.set_timesteps(steps)
     ts = timesteps(steps, 1000, spacing, offset)
     assert torch.equal(ts.long(), sched.timesteps)
@@ -116,8 +133,14 @@ def test_ddpm(steps, prediction, spacing):
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_ddim(steps, prediction, eta):
     """Stable Diffusion's DDIM configuration: leading spacing, offset 1, final ᾱ = ᾱ_0 (not 1)."""
-    sched = diffusers.DDIMScheduler(**SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                                    timestep_spacing="leading", prediction_type=PREDICTIONS[prediction])
+    sched = diffusers.DDIMScheduler(
+        **SD_BETAS,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type=PREDICTIONS[prediction],
+    )
     sigmas = sampling_sigmas(SCHEDULE, steps, spacing="leading", steps_offset=1, final="sigma_min")
     x = _noise()
     theirs = _run_diffusers(sched, steps, x, eta=eta)
@@ -128,11 +151,21 @@ def test_ddim(steps, prediction, eta):
 
 def _euler_like(cls, sampler, steps, prediction, spacing, schedule=SCHEDULE, **extra):
     offset = 1 if spacing == "leading" else 0
-    sched = cls(**SD_BETAS, prediction_type=PREDICTIONS[prediction], timestep_spacing=spacing, steps_offset=offset,
-                **extra)
+    sched = cls(
+        **SD_BETAS,
+        prediction_type=PREDICTIONS[prediction],
+        timestep_spacing=spacing,
+        steps_offset=offset,
+        **extra,
+    )
     sched.set_timesteps(steps)
-    sigmas = sampling_sigmas(schedule, steps, spacing=spacing, steps_offset=offset,
-                             kind="karras" if extra.get("use_karras_sigmas") else "discrete")
+    sigmas = sampling_sigmas(
+        schedule,
+        steps,
+        spacing=spacing,
+        steps_offset=offset,
+        kind="karras" if extra.get("use_karras_sigmas") else "discrete",
+    )
     their_sigmas = sched.sigmas
     if cls is diffusers.HeunDiscreteScheduler:  # [σ0, σ1, σ1, σ2, σ2, …, 0]: the corrector repeats each level
         their_sigmas = torch.cat([their_sigmas[:1], their_sigmas[1::2]])
@@ -164,8 +197,9 @@ def test_linspace_spacing(steps, prediction, sampler):
 @pytest.mark.parametrize("steps", STEPS)
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_euler_karras(steps, prediction):
-    err = _euler_like(diffusers.EulerDiscreteScheduler, S.sample_euler, steps, prediction, "leading",
-                      use_karras_sigmas=True)
+    err = _euler_like(
+        diffusers.EulerDiscreteScheduler, S.sample_euler, steps, prediction, "leading", use_karras_sigmas=True
+    )
     assert err <= TOL
 
 
@@ -173,8 +207,9 @@ def test_euler_karras(steps, prediction):
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
 def test_euler_ancestral(steps, prediction, spacing):
-    err = _euler_like(diffusers.EulerAncestralDiscreteScheduler, S.sample_euler_ancestral, steps, prediction,
-                      spacing)
+    err = _euler_like(
+        diffusers.EulerAncestralDiscreteScheduler, S.sample_euler_ancestral, steps, prediction, spacing
+    )
     assert err <= TOL
 
 
@@ -192,10 +227,15 @@ def test_dpmpp_2m(steps, prediction, karras):
     """DPM-Solver++(2M), diffusers' defaults (midpoint, lower-order final step into σ = 0). Without Karras σ
     its leading spacing divides T into steps + 1 intervals; with them the ladder spans the whole schedule
     and the network sees rounded timesteps."""
-    sched = diffusers.DPMSolverMultistepScheduler(**SD_BETAS, algorithm_type="dpmsolver++", solver_order=2,
-                                                  prediction_type=PREDICTIONS[prediction],
-                                                  timestep_spacing="leading", steps_offset=1,
-                                                  use_karras_sigmas=karras)
+    sched = diffusers.DPMSolverMultistepScheduler(
+        **SD_BETAS,
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        prediction_type=PREDICTIONS[prediction],
+        timestep_spacing="leading",
+        steps_offset=1,
+        use_karras_sigmas=karras,
+    )
     sched.set_timesteps(steps)
     if karras:
         sigmas = append_zero(karras_sigmas(steps, SCHEDULE.sigma_min, SCHEDULE.sigma_max))
@@ -204,16 +244,18 @@ def test_dpmpp_2m(steps, prediction, karras):
     assert torch.allclose(sigmas.float(), sched.sigmas, rtol=SIGMA_RTOL), "σ ladders differ"
     x = _noise()
     theirs = _run_diffusers(sched, steps, x)
-    ours = _run_ours(S.sample_dpmpp_2m, sigmas, x * math.sqrt(1 + float(sigmas[0]) ** 2), prediction,
-                     quantize=karras)
+    ours = _run_ours(
+        S.sample_dpmpp_2m, sigmas, x * math.sqrt(1 + float(sigmas[0]) ** 2), prediction, quantize=karras
+    )
     assert _compare(ours, theirs, sigmas, vp=True) <= TOL
 
 
 @pytest.mark.parametrize("steps", STEPS)
 def test_ddim_inversion(steps):
     """invert_ddim against DDIMInverseScheduler (eps prediction; SD configuration)."""
-    sched = diffusers.DDIMInverseScheduler(**SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                                           timestep_spacing="leading")
+    sched = diffusers.DDIMInverseScheduler(
+        **SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading"
+    )
     sched.set_timesteps(steps)
     x0 = _noise() * 0.5  # a stand-in for a latent image
     theirs = x0.clone()

@@ -36,7 +36,9 @@ def test_ode_samplers_converge_with_their_order(ode_problem):
     evals = [10, 20, 40, 80]
     err = {n: [_ode_error(n, e, x_T, ref) for e in evals] for n in ["euler", "ddim", "heun", "dpmpp_2m"]}
     order = {n: math.log2(e[-2] / e[-1]) for n, e in err.items()}
-    table = "\n".join(f"{n:10s} " + " ".join(f"{v:.2e}" for v in e) + f"  order {order[n]:.2f}" for n, e in err.items())
+    table = "\n".join(
+        f"{n:10s} " + " ".join(f"{v:.2e}" for v in e) + f"  order {order[n]:.2f}" for n, e in err.items()
+    )
     print(f"\nmean |x - x_ref| at {evals} evaluations\n{table}")
     assert err["ddim"] == pytest.approx(err["euler"], rel=1e-9)  # DDIM is Euler on this ODE
     for name, e in err.items():
@@ -65,7 +67,9 @@ def test_samples_converge_to_the_mixture(name):
             ((torch.cov(out.T) - GM.cov()).norm() / GM.cov().norm()).item(),
             sliced_wasserstein(out, truth),
         )
-    print(f"\n{name}: (|Δmean|, |ΔCov|/|Cov|, SW) at 5 steps {stats[5]}, at 100 {stats[100]}; SW floor {floor:.3f}")
+    print(
+        f"\n{name}: (|Δmean|, |ΔCov|/|Cov|, SW) at 5 steps {stats[5]}, at 100 {stats[100]}; SW floor {floor:.3f}"
+    )
     mean_err, cov_err, sw = stats[100]
     assert mean_err < 0.1  # the sample mean's standard error here is ~0.03
     assert cov_err < 0.03
@@ -122,5 +126,7 @@ def test_sampler_rejects_bad_sigmas():
 def test_callback_sees_every_step():
     sig = sampling_sigmas(SD, 7)
     calls = []
-    S.sample_dpmpp_2m(GM, torch.zeros(3, 2, dtype=torch.float64), sig, callback=lambda d: calls.append(d["i"]))
+    S.sample_dpmpp_2m(
+        GM, torch.zeros(3, 2, dtype=torch.float64), sig, callback=lambda d: calls.append(d["i"])
+    )
     assert calls == list(range(7))

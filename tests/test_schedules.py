@@ -43,7 +43,9 @@ def test_sigma_and_log_snr_relations():
     assert torch.allclose(sch.log_snr(ac), -2 * sig.log())
     assert torch.allclose(sch.sigma_to_alpha_bar(sig), ac)
     # Stable Diffusion's well-known range
-    assert sig[0].item() == pytest.approx(0.0292, abs=1e-4) and sig[-1].item() == pytest.approx(14.6146, abs=1e-3)
+    assert sig[0].item() == pytest.approx(0.0292, abs=1e-4) and sig[-1].item() == pytest.approx(
+        14.6146, abs=1e-3
+    )
 
 
 def test_zero_terminal_snr_rescale():

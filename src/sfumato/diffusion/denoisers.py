@@ -111,7 +111,9 @@ class DiscreteDenoiser(nn.Module):
         self.model = model
         self.schedule = schedule
         self.prediction = prediction
-        self.quantize = quantize  # round t to the nearest training level (diffusers' DPM-Solver with Karras σ)
+        self.quantize = (
+            quantize  # round t to the nearest training level (diffusers' DPM-Solver with Karras σ)
+        )
 
     def scalings(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(a, s) = (sqrt(ᾱ), sqrt(1 - ᾱ)) at level σ, in float64: a = 1/sqrt(1+σ²), s = σ·a."""

@@ -29,7 +29,9 @@ def q_sample(x0: torch.Tensor, t, alphas_cumprod: torch.Tensor, noise: torch.Ten
     return ac.sqrt() * x0 + (1 - ac).sqrt() * noise
 
 
-def q_posterior(x0: torch.Tensor, x_t: torch.Tensor, t, betas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def q_posterior(
+    x0: torch.Tensor, x_t: torch.Tensor, t, betas: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean μ̃_t and variance β̃_t of q(x_{t-1} | x_t, x0) for t >= 1 (eq. (7))."""
     ac = torch.cumprod(1 - betas.double(), 0)
     ac_t, ac_prev, beta = _at(ac, t, x0), _at(ac, torch.as_tensor(t) - 1, x0), _at(betas, t, x0)

@@ -24,7 +24,11 @@ class GaussianMixture:
         K, d = self.means.shape
         if self.covs.shape != (K, d, d):
             raise ValueError(f"covs must have shape {(K, d, d)}, got {tuple(self.covs.shape)}")
-        w = torch.full((K,), 1 / K, dtype=torch.float64) if weights is None else torch.as_tensor(weights).double()
+        w = (
+            torch.full((K,), 1 / K, dtype=torch.float64)
+            if weights is None
+            else torch.as_tensor(weights).double()
+        )
         self.weights = w / w.sum()
 
     @classmethod
@@ -47,7 +51,9 @@ class GaussianMixture:
     def cov(self) -> torch.Tensor:
         """Law of total covariance: Σ_k π_k (Σ_k + μ_k μ_kᵀ) - m mᵀ."""
         m = self.mean()
-        second = torch.einsum("k,kij->ij", self.weights, self.covs + self.means[:, :, None] * self.means[:, None])
+        second = torch.einsum(
+            "k,kij->ij", self.weights, self.covs + self.means[:, :, None] * self.means[:, None]
+        )
         return second - torch.outer(m, m)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:

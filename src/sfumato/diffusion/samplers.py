@@ -73,7 +73,13 @@ def sample_euler(denoiser: Denoiser, x: torch.Tensor, sigmas, *, generator=None,
 
 @torch.no_grad()
 def sample_ddim(
-    denoiser: Denoiser, x: torch.Tensor, sigmas, *, eta: float = 0.0, generator=None, callback: Callback = None
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas,
+    *,
+    eta: float = 0.0,
+    generator=None,
+    callback: Callback = None,
 ):
     """DDIM (Song et al. 2021, eq. (12)), written as in the paper on the variance-preserving sample.
 
@@ -119,7 +125,13 @@ def sample_ddpm(denoiser: Denoiser, x: torch.Tensor, sigmas, *, generator=None, 
 
 @torch.no_grad()
 def sample_euler_ancestral(
-    denoiser: Denoiser, x: torch.Tensor, sigmas, *, eta: float = 1.0, generator=None, callback: Callback = None
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas,
+    *,
+    eta: float = 1.0,
+    generator=None,
+    callback: Callback = None,
 ):
     """Euler step to σ_down, then fresh noise of std σ_up (see :func:`_ancestral_step`); with η = 1 each step
     samples the same posterior as DDPM (k-diffusion's ``sample_euler_ancestral``)."""
@@ -154,7 +166,9 @@ def sample_heun(denoiser: Denoiser, x: torch.Tensor, sigmas, *, generator=None, 
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas, *, generator=None, callback: Callback = None):
+def sample_dpmpp_2m(
+    denoiser: Denoiser, x: torch.Tensor, sigmas, *, generator=None, callback: Callback = None
+):
     """DPM-Solver++(2M), Lu et al. 2022 (arXiv:2211.01095), Algorithm 2, in λ = -log σ.
 
     x_{i+1} = (σ_{i+1}/σ_i) x_i - (e^{-h_i} - 1) D_i with the multistep estimate

@@ -36,7 +36,9 @@ def cosine_betas(num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 
     """Nichol & Dhariwal 2021, eq. (17): ᾱ(t) = cos²(((t/T + s) / (1 + s)) · π/2), β_t = 1 - ᾱ_t/ᾱ_{t-1},
     clipped at ``max_beta`` so the last step stays finite (diffusers' "squaredcos_cap_v2")."""
     f = lambda t: math.cos((t + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
-    betas = [min(1 - f((i + 1) / num_timesteps) / f(i / num_timesteps), max_beta) for i in range(num_timesteps)]
+    betas = [
+        min(1 - f((i + 1) / num_timesteps) / f(i / num_timesteps), max_beta) for i in range(num_timesteps)
+    ]
     return torch.tensor(betas, dtype=torch.float64)
 
 
@@ -105,7 +107,9 @@ class DiscreteSchedule:
         self.interpolation = interpolation
         ac = alphas_cumprod.double()
         if ac.ndim != 1 or len(ac) < 2:
-            raise ValueError(f"alphas_cumprod must be a 1-D tensor of T >= 2 levels, got shape {tuple(ac.shape)}")
+            raise ValueError(
+                f"alphas_cumprod must be a 1-D tensor of T >= 2 levels, got shape {tuple(ac.shape)}"
+            )
         if not bool((ac[1:] <= ac[:-1]).all()):
             raise ValueError("alphas_cumprod must be non-increasing in t")
         if ac[-1] <= 0:
@@ -118,7 +122,9 @@ class DiscreteSchedule:
         self.log_sigmas = self.sigmas.log()
 
     @classmethod
-    def from_betas(cls, betas: torch.Tensor, interpolation: Literal["log", "linear"] = "log") -> DiscreteSchedule:
+    def from_betas(
+        cls, betas: torch.Tensor, interpolation: Literal["log", "linear"] = "log"
+    ) -> DiscreteSchedule:
         return cls(alphas_cumprod(betas), interpolation)
 
     @classmethod

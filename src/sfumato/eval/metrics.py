@@ -15,7 +15,9 @@ def sliced_wasserstein(
     drawn from ``seed``, so two calls with the same seed compare like with like.
     """
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"expected two (N, d) point sets of equal d, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(
+            f"expected two (N, d) point sets of equal d, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     g = torch.Generator().manual_seed(seed)
     theta = torch.randn(a.shape[1], n_projections, generator=g, dtype=torch.float64)
     theta = theta / theta.norm(dim=0, keepdim=True)
