@@ -261,9 +261,12 @@ def test_conversion_errors_name_the_key():
     partial = dict(good)
     del partial["up_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k.weight"]
     with pytest.raises(
-        ValueError, match=r"missing 1 key.*'output_blocks.1.1.transformer_blocks.0.attn2.to_k.weight'"
+        ValueError, match=r"missing 1 key.*'up_blocks.0.attentions.1.transformer_blocks.0.attn2"
     ):
         unet_from_diffusers(partial, config)
+    linear = good | {"mid_block.attentions.0.proj_in.weight": torch.zeros(64, 64)}  # SD 2.x-style, wrong here
+    with pytest.raises(ValueError, match=r"'mid_block.attentions.0.proj_in.weight' has shape \(64, 64\)"):
+        unet_from_diffusers(linear, config)
     wrong = good | {"conv_in.weight": torch.zeros(32, 9, 3, 3)}
     with pytest.raises(ValueError, match=r"'conv_in.weight' has shape \(32, 9, 3, 3\).*\(32, 4, 3, 3\)"):
         unet_from_diffusers(wrong, config)

@@ -229,7 +229,7 @@ def test_errors_name_the_key_and_value():
         vae_from_diffusers(good | {"encoder.mid_block.attentions.0.to_z.weight": torch.zeros(1)}, config)
     partial = dict(good)
     del partial["decoder.up_blocks.0.resnets.1.conv2.bias"]
-    with pytest.raises(ValueError, match=r"missing 1 key.*'decoder.up.1.block.1.conv2.bias'"):
+    with pytest.raises(ValueError, match=r"missing 1 key.*'decoder.up_blocks.0.resnets.1.conv2.bias'"):
         vae_from_diffusers(partial, config)
     with pytest.raises(ValueError, match=r"'quant_conv.weight' has shape \(8, 8, 3, 3\)"):
         vae_from_diffusers(good | {"quant_conv.weight": torch.zeros(8, 8, 3, 3)}, config)

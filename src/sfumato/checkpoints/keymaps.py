@@ -11,8 +11,9 @@ A key is translated by its block rule and, where the block has one, its module t
 key passes through unchanged. The result is then checked against the shapes of our model for that
 config (built on the meta device, so no memory is spent): an unknown key, a key left over, a missing
 key or a shape that differs raises a ValueError naming the key. The only reshape is between a 1x1 conv
-(C, C, 1, 1) and a Linear (C, C) where one side has one and the other side the other (the VAE's
-mid-block attention: 1x1 convs in ldm, Linear in diffusers).
+(C, C, 1, 1) and a Linear (C, C), and only in the one block where the two sides differ so (the VAE's
+mid-block attention: 1x1 convs in ldm, Linear in diffusers). SD 1.x's 1x1-conv and SD 2.x's Linear
+transformer projections are the same in both libraries; a mismatch there means a wrong config.
 
 The facts behind the tables are those of diffusers' own converter
 (`diffusers.loaders.single_file_utils.convert_ldm_unet_checkpoint` / `convert_ldm_vae_checkpoint`),
@@ -159,34 +160,25 @@ def _expected_shapes(model_cls, config) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in model.state_dict().items()}
 
 
-def _fit(key: str, tensor: torch.Tensor, shape: torch.Size, what: str) -> torch.Tensor:
-    """`tensor` in `shape`, allowing only the 1x1-conv <-> Linear reshape."""
-    if tensor.shape == shape:
-        return tensor
-    if tensor.ndim == 2 and tuple(shape) == (*tensor.shape, 1, 1):
-        return tensor[:, :, None, None]  # Linear (C_out, C_in) -> 1x1 conv (C_out, C_in, 1, 1)
-    if tensor.ndim == 4 and tensor.shape[2:] == (1, 1) and shape == tensor.shape[:2]:
-        return tensor[:, :, 0, 0]  # 1x1 conv (C_out, C_in, 1, 1) -> Linear (C_out, C_in)
-    raise ValueError(
-        f"{what} key {key!r} has shape {tuple(tensor.shape)}, the config expects {tuple(shape)}; "
-        "the config does not describe these weights (check widths, context_dim, heads and in_channels)"
+def _shape_error(key: str, tensor: torch.Tensor, shape: torch.Size, what: str) -> ValueError:
+    return ValueError(
+        f"{what} key {key!r} has shape {tuple(tensor.shape)}, the config expects {tuple(shape)}; the config "
+        "does not describe these weights (check widths, context_dim, heads, use_linear_proj, in_channels)"
     )
 
 
-def _check_keys(found: set[str], expected: set[str], what: str) -> None:
-    missing = sorted(expected - found)
-    if missing:
-        raise ValueError(
-            f"{what} state dict is missing {len(missing)} key(s), first {missing[0]!r}: {missing[:5]}; "
-            "the weights are incomplete or the config has more blocks/levels than they do"
-        )
+def _missing_error(missing: list[str], what: str) -> ValueError:
+    return ValueError(
+        f"{what} state dict is missing {len(missing)} key(s), first {missing[0]!r}: {missing[:5]}; the "
+        "weights are incomplete or the config has more blocks, levels or features than they do"
+    )
 
 
 def _from_diffusers(state_dict, config, rules, model_cls, what) -> dict[str, torch.Tensor]:
     shapes = _expected_shapes(model_cls, config)
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
-        new, _ = _rename(key, rules, to_ldm=True)
+        new, rule = _rename(key, rules, to_ldm=True)
         if new is None or new not in shapes:
             raise ValueError(
                 f"unknown diffusers {what} key {key!r}" + (f" (-> {new!r})" if new else "") + "; it has no "
@@ -194,8 +186,14 @@ def _from_diffusers(state_dict, config, rules, model_cls, what) -> dict[str, tor
             )
         if new in out:
             raise ValueError(f"diffusers {what} key {key!r} duplicates {new!r} (given under two names)")
-        out[new] = _fit(key, tensor, shapes[new], f"diffusers {what}")
-    _check_keys(set(out), set(shapes), f"converted {what}")
+        if rule.linear_in_diffusers and tensor.ndim == 2 and shapes[new] == (*tensor.shape, 1, 1):
+            tensor = tensor[:, :, None, None]  # Linear (C, C) -> 1x1 conv (C, C, 1, 1)
+        if tensor.shape != shapes[new]:
+            raise _shape_error(key, tensor, shapes[new], f"diffusers {what}")
+        out[new] = tensor
+    missing = sorted(set(shapes) - set(out))
+    if missing:  # name them as the diffusers weights would
+        raise _missing_error([_rename(k, rules, to_ldm=False)[0] for k in missing], f"diffusers {what}")
     return out
 
 
@@ -207,14 +205,13 @@ def _to_diffusers(state_dict, config, rules, model_cls, what) -> dict[str, torch
         if key not in shapes or new is None:
             raise ValueError(f"unknown {what} key {key!r}: not in our model for this config")
         if tensor.shape != shapes[key]:
-            raise ValueError(
-                f"{what} key {key!r} has shape {tuple(tensor.shape)}, the config expects "
-                f"{tuple(shapes[key])}; were these weights made for another config?"
-            )
+            raise _shape_error(key, tensor, shapes[key], what)
         if rule.linear_in_diffusers and tensor.ndim == 4:
             tensor = tensor[:, :, 0, 0]  # 1x1 conv (C, C, 1, 1) -> Linear (C, C)
         out[new] = tensor
-    _check_keys(set(state_dict), set(shapes), what)
+    missing = sorted(set(shapes) - set(state_dict))
+    if missing:
+        raise _missing_error(missing, what)
     return out
 
 
