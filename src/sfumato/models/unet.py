@@ -95,7 +95,7 @@ UNET_PRESETS: dict[str, UNetConfig] = {
     "sd1": UNetConfig(),
     # SD 2.x (v2-inference-v.yaml): OpenCLIP ViT-H/14 penultimate layer, 64-channel heads, Linear projections
     "sd2": UNetConfig(num_heads=None, head_dim=64, context_dim=1024, use_linear_proj=True),
-    # a few thousand parameters, for tests and toy training
+    # about a million parameters (SD 1.x has 859,520,964), for tests and toy training
     "tiny": UNetConfig(
         model_channels=32,
         channel_mult=(1, 2),
