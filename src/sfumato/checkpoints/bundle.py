@@ -1,0 +1,163 @@
+"""A model bundle: everything text-to-image needs, as a folder of native files.
+
+    unet.safetensors           native U-Net (config in the metadata)
+    vae.safetensors            native VAE (its scaling_factor is part of its config)
+    text_encoder.safetensors   native CLIP text tower
+    tokenizer/                 vocab.json + merges.txt + tokenizer_config.json (CLIPTokenizer.save)
+    schedule.json              the training noise schedule and prediction type (ScheduleConfig)
+
+SD 2.x text encoders: SD 2.x conditions on the penultimate layer of OpenCLIP ViT-H's 24-layer text tower.
+A bundle follows diffusers here: the text encoder keeps only the layers that are used (23) and is read at
+its last layer with the final LayerNorm (`skip=0`), which is exactly `skip=1` of the 24-layer tower. So
+every bundle's text encoder is used the same way, `text_encoder(ids).last_hidden_state`, and a bundle
+exports to a diffusers folder without renumbering. The unused 24th layer and the `text_projection` of an
+SD 2.x single file are dropped on import (they only feed the pooled CLIP embedding, which SD never reads).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from sfumato.checkpoints.native import load_model, save_model
+from sfumato.models.clip import CLIPTextModel
+from sfumato.models.unet import UNet
+from sfumato.models.vae import AutoencoderKL
+from sfumato.text.tokenizer import CLIPTokenizer
+
+
+@dataclass
+class ScheduleConfig:
+    """The discrete training schedule of a diffusion model and how diffusers spaces its sampling steps."""
+
+    beta_schedule: str = "scaled_linear"  # "linear" | "scaled_linear" (SD) | "squaredcos_cap_v2" (cosine)
+    beta_start: float = 0.00085  # first beta (SD: 0.00085); unused by the cosine schedule
+    beta_end: float = 0.012  # last beta (SD: 0.012)
+    num_timesteps: int = 1000  # T, the number of training noise levels
+    prediction: str = "eps"  # what the U-Net predicts: "eps" (SD 1.x, SD 2 base) or "v" (SD 2.x 768-v)
+    steps_offset: int = 1  # diffusers' offset added to "leading" timesteps (SD: 1)
+    timestep_spacing: str = "leading"  # "leading" (SD's configs) | "trailing" | "linspace"
+    rescale_betas_zero_snr: bool = False  # Lin et al. 2023 zero terminal SNR rescaling
+
+    def __post_init__(self):
+        if self.prediction not in ("eps", "v"):
+            raise ValueError(f"prediction must be 'eps' or 'v', got {self.prediction!r}")
+        if self.timestep_spacing not in ("leading", "trailing", "linspace"):
+            raise ValueError(
+                f"timestep_spacing must be 'leading', 'trailing' or 'linspace', got {self.timestep_spacing!r}"
+            )
+        if self.beta_schedule not in ("linear", "scaled_linear", "squaredcos_cap_v2", "cosine"):
+            raise ValueError(
+                f"beta_schedule {self.beta_schedule!r} is not one of linear, scaled_linear, squaredcos_cap_v2"
+            )
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> ScheduleConfig:
+        data = json.loads(Path(path).read_text())
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown schedule fields {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    # -- diffusers scheduler_config.json -------------------------------------------------------------------
+
+    @classmethod
+    def from_diffusers(cls, cfg: dict, source: str = "scheduler config") -> ScheduleConfig:
+        """From a diffusers scheduler_config.json (any of the discrete SD schedulers)."""
+        prediction = {"epsilon": "eps", "v_prediction": "v"}.get(cfg.get("prediction_type", "epsilon"))
+        if prediction is None:
+            raise ValueError(
+                f"{source}: prediction_type={cfg['prediction_type']!r}; only 'epsilon' and 'v_prediction' "
+                "are supported"
+            )
+        if cfg.get("trained_betas") is not None:
+            raise ValueError(f"{source}: trained_betas (an explicit beta table) is not supported")
+        return cls(
+            beta_schedule=cfg.get("beta_schedule", "scaled_linear"),
+            beta_start=float(cfg.get("beta_start", 0.00085)),
+            beta_end=float(cfg.get("beta_end", 0.012)),
+            num_timesteps=int(cfg.get("num_train_timesteps", 1000)),
+            prediction=prediction,
+            steps_offset=int(cfg.get("steps_offset", 0)),
+            timestep_spacing=cfg.get("timestep_spacing", "leading"),
+            rescale_betas_zero_snr=bool(cfg.get("rescale_betas_zero_snr", False)),
+        )
+
+    def to_diffusers(self) -> dict:
+        """A DDIMScheduler config with SD's settings (no x0 clipping, ᾱ_prev of the first step = ᾱ_0)."""
+        return {
+            "_class_name": "DDIMScheduler",
+            "num_train_timesteps": self.num_timesteps,
+            "beta_start": self.beta_start,
+            "beta_end": self.beta_end,
+            "beta_schedule": "squaredcos_cap_v2" if self.beta_schedule == "cosine" else self.beta_schedule,
+            "prediction_type": {"eps": "epsilon", "v": "v_prediction"}[self.prediction],
+            "steps_offset": self.steps_offset,
+            "timestep_spacing": self.timestep_spacing,
+            "rescale_betas_zero_snr": self.rescale_betas_zero_snr,
+            "clip_sample": False,
+            "set_alpha_to_one": False,
+            "trained_betas": None,
+        }
+
+
+@dataclass
+class Bundle:
+    """A text-to-image model: U-Net, VAE, CLIP text encoder, tokenizer and schedule."""
+
+    unet: UNet
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+
+BUNDLE_FILES = ("unet.safetensors", "vae.safetensors", "text_encoder.safetensors", "schedule.json")
+
+
+def is_bundle(path: str | Path) -> bool:
+    p = Path(path)
+    return p.is_dir() and all((p / name).is_file() for name in BUNDLE_FILES)
+
+
+def save_bundle(bundle: Bundle, directory: str | Path) -> list[Path]:
+    """Write `bundle` as a folder of native files; returns the paths written."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    written = [
+        save_model(bundle.unet, d / "unet.safetensors"),
+        save_model(bundle.vae, d / "vae.safetensors"),
+        save_model(bundle.text_encoder, d / "text_encoder.safetensors"),
+    ]
+    bundle.tokenizer.save(d / "tokenizer")
+    (d / "schedule.json").write_text(json.dumps(asdict(bundle.schedule), indent=2) + "\n")
+    return written + [d / "tokenizer", d / "schedule.json"]
+
+
+def _expect(model, cls, path: Path):
+    if not isinstance(model, cls):
+        raise ValueError(f"{path} holds a {type(model).__name__}, a bundle needs a {cls.__name__} there")
+    return model
+
+
+def load_bundle(directory: str | Path, device="cpu", dtype=None) -> Bundle:
+    """Load a folder written by `save_bundle`."""
+    d = Path(directory)
+    missing = [name for name in (*BUNDLE_FILES, "tokenizer") if not (d / name).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"{d} is not a sfumato bundle: {missing} missing; convert a checkpoint with `sfumato convert`"
+        )
+    return Bundle(
+        unet=_expect(load_model(d / "unet.safetensors", device, dtype), UNet, d / "unet.safetensors"),
+        vae=_expect(load_model(d / "vae.safetensors", device, dtype), AutoencoderKL, d / "vae.safetensors"),
+        text_encoder=_expect(
+            load_model(d / "text_encoder.safetensors", device, dtype),
+            CLIPTextModel,
+            d / "text_encoder.safetensors",
+        ),
+        tokenizer=CLIPTokenizer.from_pretrained(d / "tokenizer"),
+        schedule=ScheduleConfig.from_json(d / "schedule.json"),
+    )
