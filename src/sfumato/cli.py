@@ -50,10 +50,11 @@ def _toy(args: argparse.Namespace) -> int:
             while marks and d["sigma_next"] < marks[0]:
                 marks.pop(0)
             vp = d["x"] / math.sqrt(1 + d["sigma_next"] ** 2)  # show the variance-preserving sample
-            shots[d["i"] + 1] = (f"step {d['i'] + 1}/{args.sample_steps} σ={d['sigma_next']:.2f}", vp)
+            shots[d["i"] + 1] = (f"step {d['i'] + 1}/{args.sample_steps}, sigma={d['sigma_next']:.2f}", vp)
 
     with torch.no_grad():
         samples = SAMPLERS[args.sampler](den, x, sigmas, generator=g, callback=snapshot)
+    shots[args.sample_steps] = (f"samples ({args.sampler}, {args.sample_steps} steps)", samples)
     panels = [shots[k] for k in sorted(shots)] + [("held-out data", x0)]
     scatter_panels(panels, out / "reverse.png")
     line_plot(losses, out / "loss.png", title=f"training loss ({args.data})")
@@ -78,6 +79,39 @@ def _toy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from .checkpoints.bundle import Bundle, save_bundle
+    from .checkpoints.diffusers_folder import save_diffusers
+    from .checkpoints.native import save_model
+    from .checkpoints.single_file import load_any
+
+    t0 = time.time()
+    tokenizer = None
+    if args.tokenizer:
+        from .text.tokenizer import CLIPTokenizer
+
+        tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer)
+    loaded = load_any(args.src, prediction=args.prediction, act=args.act, tokenizer=tokenizer)
+    dst = Path(args.dst)
+    if isinstance(loaded, Bundle):
+        written = save_diffusers(loaded, dst) if args.to == "diffusers" else save_bundle(loaded, dst)
+        what = f"Stable Diffusion bundle ({loaded.schedule.prediction}-prediction)"
+    elif args.to == "diffusers":
+        raise SystemExit(
+            f"{args.src} holds a {type(loaded).__name__}, not a text-to-image bundle; only bundles export to "
+            "diffusers folders. Use --to native"
+        )
+    else:
+        if dst.suffix != ".safetensors":
+            dst = dst / "model.safetensors" if dst.is_dir() else dst.with_suffix(".safetensors")
+        written = [save_model(loaded, dst)]
+        what = type(loaded).__name__
+    print(f"read {args.src}: {what} in {time.time() - t0:.1f}s; wrote ({args.to}):")
+    for path in written:
+        print(f"  {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .data.toy import TOY_DATASETS
@@ -99,6 +133,29 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--seed", type=int, default=0)
     toy.add_argument("--out", help="output folder (default outputs/toy-DATA)")
     toy.set_defaults(func=_toy)
+
+    conv = sub.add_parser(
+        "convert",
+        help="convert an SD single file, a diffusers folder, a CLIP checkpoint or a bundle to a native bundle "
+        "or a diffusers folder",
+    )
+    conv.add_argument(
+        "src", help="a .safetensors/.ckpt file, a diffusers or transformers folder, or a bundle"
+    )
+    conv.add_argument("dst", help="output folder (a .safetensors file for a single model)")
+    conv.add_argument(
+        "--prediction",
+        choices=["eps", "v"],
+        help="what the U-Net predicts (single files cannot tell; default eps)",
+    )
+    conv.add_argument("--to", choices=["native", "diffusers"], default="native", help="output format")
+    conv.add_argument(
+        "--act", choices=["quick_gelu", "gelu"], default="quick_gelu", help="activation of a CLIP state dict"
+    )
+    conv.add_argument(
+        "--tokenizer", help="tokenizer folder for an SD single file (default: the shipped CLIP vocabulary)"
+    )
+    conv.set_defaults(func=_convert)
     return p
 
 
