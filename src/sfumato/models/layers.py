@@ -88,8 +88,13 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (B, C, H, W) -> (B, C, 2H, 2W)
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """``size``: the output (H', W') when it is not exactly 2x, e.g. (2H - 1) to meet a U-Net skip whose
+        side was odd before its stride-2 downsampling (diffusers' ``upsample_size``)."""
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (B, C, H, W) -> (B, C, 2H, 2W)
+        else:
+            x = F.interpolate(x, size=size, mode="nearest")  # (B, C, H, W) -> (B, C, H', W')
         return self.conv(x)
 
 
@@ -256,12 +261,20 @@ class SpatialTransformer(nn.Module):
 class TimestepEmbedSequential(nn.Sequential):
     """A U-Net stage (ldm's class of that name): passes `emb` to ResBlocks, `context` to transformers."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        emb: torch.Tensor,
+        context: torch.Tensor,
+        upsample_size: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, upsample_size)
             else:
                 x = layer(x)
         return x

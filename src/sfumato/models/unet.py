@@ -178,7 +178,7 @@ class UNet(nn.Module):
     ) -> torch.Tensor:
         """Predict the network target (eps or v, per checkpoint) for latents `x` at timesteps `t`.
 
-        x: (B, in_channels, H, W) with H, W multiples of `config.downsample_factor`.
+        x: (B, in_channels, H, W), any H and W (multiples of `config.downsample_factor` need no resizing).
         t: (B,) or a scalar, integer or fractional timesteps in the training range (0..999 for SD).
         context: (B, T, context_dim) text embeddings. y: (B, adm_in_channels) when the config has it.
         """
@@ -188,12 +188,6 @@ class UNet(nn.Module):
             raise ValueError(
                 f"x has {C} channels, this U-Net takes {c.in_channels} (shape {tuple(x.shape)}); "
                 "inpainting models take 9: latent, mask and masked-image latent concatenated"
-            )
-        f = c.downsample_factor
-        if H % f or W % f:
-            raise ValueError(
-                f"latent height and width must be multiples of {f} ({len(c.channel_mult) - 1} halvings in "
-                f"the U-Net), got {H}x{W}; try {-(-H // f) * f}x{-(-W // f) * f}"
             )
         if context.ndim != 3 or context.shape[-1] != c.context_dim:
             raise ValueError(
@@ -223,5 +217,7 @@ class UNet(nn.Module):
         h = self.middle_block(h, emb, context)
         for stage in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)  # (B, C, H, W) + (B, Cs, H, W) -> (B, C+Cs, H, W)
-            h = stage(h, emb, context)
+            # any latent size works: a stage that upsamples meets the size of the skip it is joined to next
+            # (2H, or 2H - 1 where a stride-2 convolution rounded an odd side up)
+            h = stage(h, emb, context, skips[-1].shape[-2:] if skips else None)
         return self.out(h)
