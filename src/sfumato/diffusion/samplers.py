@@ -16,7 +16,7 @@ step index ``i``, ``x``, ``sigma``, ``sigma_next`` and ``denoised`` after every 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -24,8 +24,17 @@ Denoiser = Callable[..., torch.Tensor]
 Callback = Callable[[dict], None] | None
 
 
-def randn_like(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Standard normal noise shaped like ``x``, drawn on the generator's device and moved to ``x``'s."""
+def randn_like(
+    x: torch.Tensor, generator: torch.Generator | Sequence[torch.Generator] | None = None
+) -> torch.Tensor:
+    """Standard normal noise shaped like ``x``, drawn on the generator's device and moved to ``x``'s.
+
+    A sequence of generators, one per batch row, draws each row from its own generator (so every image of a
+    batch can be reproduced alone from its seed, as with diffusers' list of generators)."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}; pass one per row")
+        return torch.cat([randn_like(x[i : i + 1], g) for i, g in enumerate(generator)])  # B x (1, ...)
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 

@@ -1,0 +1,43 @@
+"""Guidance: functions that take a denoiser and return a denoiser (ARCHITECTURE.md, "Guidance").
+
+Classifier-free guidance (Ho & Salimans 2022, eq. (6)) extrapolates from the unconditional prediction
+towards the conditional one, D = D_u + w (D_c - D_u). Stable Diffusion pipelines apply it to the
+network's eps; on the denoised x0 it is the same thing, because x0 = x - σ·eps (and x0 for v-prediction)
+is affine in the network output with coefficients that do not depend on the condition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+Denoiser = Callable[..., torch.Tensor]
+
+
+def classifier_free_guidance(
+    denoiser: Denoiser,
+    scale: float,
+    cond: dict[str, torch.Tensor],
+    uncond: dict[str, torch.Tensor],
+) -> Denoiser:
+    """The guided denoiser ``x, σ -> D_u + scale (D_c - D_u)``, both passes in one batch.
+
+    cond / uncond: keyword arguments of ``denoiser`` (e.g. ``{"context": (B, T, D)}``) for the conditional
+    and the unconditional pass, with matching shapes. The batch is ordered [uncond; cond] as diffusers'
+    pipelines order it (float32 results do not depend on it, but half precision may). ``scale == 1`` is
+    plain conditional sampling and skips the unconditional pass.
+    """
+    if scale == 1:
+        return lambda x, sigma: denoiser(x, sigma, **cond)
+    if cond.keys() != uncond.keys():
+        raise ValueError(f"cond and uncond take different arguments: {sorted(cond)} vs {sorted(uncond)}")
+    both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}  # 2 x (B, ...) -> (2B, ...)
+
+    def guided(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma)
+        sigma2 = torch.cat([sigma, sigma]) if sigma.ndim else sigma
+        d_uncond, d_cond = denoiser(torch.cat([x, x]), sigma2, **both).chunk(2)  # (2B, ...) -> 2 x (B, ...)
+        return d_uncond + scale * (d_cond - d_uncond)
+
+    return guided
