@@ -39,6 +39,7 @@ class ScheduleConfig:
     steps_offset: int = 1  # diffusers' offset added to "leading" timesteps (SD: 1)
     timestep_spacing: str = "leading"  # "leading" (SD's configs) | "trailing" | "linspace"
     rescale_betas_zero_snr: bool = False  # Lin et al. 2023 zero terminal SNR rescaling
+    image_size: int | None = None  # default generation size in pixels (diffusers: unet sample_size × VAE f)
 
     def __post_init__(self):
         if self.prediction not in ("eps", "v"):

@@ -246,12 +246,17 @@ def load_diffusers(directory: str | Path) -> Bundle:
             )
     tokenizer = CLIPTokenizer.from_pretrained(d / "tokenizer")
     sched_path = d / "scheduler" / "scheduler_config.json"
+    unet, vae = load_diffusers_unet(d / "unet"), load_diffusers_vae(d / "vae")
+    sample_size = read_json(d / "unet" / "config.json").get("sample_size")
+    schedule = _named(str(sched_path), ScheduleConfig.from_diffusers, read_json(sched_path))
+    if isinstance(sample_size, int):
+        schedule.image_size = sample_size * vae.config.downsample_factor
     return Bundle(
-        unet=load_diffusers_unet(d / "unet"),
-        vae=load_diffusers_vae(d / "vae"),
+        unet=unet,
+        vae=vae,
         text_encoder=load_transformers_text_encoder(d / "text_encoder", tokenizer.eos_token_id),
         tokenizer=tokenizer,
-        schedule=_named(str(sched_path), ScheduleConfig.from_diffusers, read_json(sched_path)),
+        schedule=schedule,
     )
 
 
@@ -271,7 +276,7 @@ def save_diffusers(bundle: Bundle, directory: str | Path, *, sample_size: int | 
     d = Path(directory)
     unet_c, vae_c, text_c = bundle.unet.config, bundle.vae.config, bundle.text_encoder.config
     if sample_size is None:
-        sample_size = 512 // vae_c.downsample_factor
+        sample_size = (bundle.schedule.image_size or 512) // vae_c.downsample_factor
     written = [
         _write_json(
             d / "model_index.json",

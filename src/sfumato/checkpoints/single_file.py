@@ -165,7 +165,8 @@ def load_single_file(
         vae=load_weights(build_on_meta("vae", vae_config), vae_sd, f"{path} (VAE)").eval(),
         text_encoder=load_weights(build_on_meta("clip_text", text_config), text_sd, f"{path} (text)").eval(),
         tokenizer=tokenizer,
-        schedule=ScheduleConfig(prediction=prediction),
+        # SD 2.x v-prediction checkpoints are the 768 px models; every other SD 1.x/2.x file is 512 px
+        schedule=ScheduleConfig(prediction=prediction, image_size=768 if prediction == "v" else 512),
     )
 
 
