@@ -6,3 +6,10 @@ torch only; ``models`` holds the networks; ``text`` the tokenizer; ``checkpoints
 """
 
 __version__ = "0.1.0"
+
+
+def load(path, **kwargs):
+    """``pipe = sfumato.load(path)``: a `StableDiffusion` or `CLIPPipeline`; see `sfumato.pipelines.load`."""
+    from sfumato.pipelines import load as _load
+
+    return _load(path, **kwargs)

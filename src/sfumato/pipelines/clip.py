@@ -232,16 +232,18 @@ class CLIPPipeline:
         *,
         tokenizer: CLIPTokenizer | None = None,
         act: str = "quick_gelu",
+        model: torch.nn.Module | None = None,
     ) -> CLIPPipeline:
         """Load a joint CLIP model with `load_any`: a transformers ``CLIPModel`` folder, an OpenAI / open_clip
         state dict (``act="gelu"`` for OpenCLIP LAION weights) or a native ``clip`` file.
 
         tokenizer: default the folder's own (``tokenizer.json`` or ``vocab.json`` + ``merges.txt``) when it
         has one, else OpenAI's vocabulary shipped with sfumato. A ``preprocessor_config.json`` in the folder
-        supplies ``image_mean`` / ``image_std``.
+        supplies ``image_mean`` / ``image_std``. model: what `load_any(path)` already returned, if known.
         """
         p = Path(path)
-        model = load_any(p, act=act)
+        if model is None:
+            model = load_any(p, act=act)
         if not isinstance(model, CLIP):
             held = type(model).__name__
             raise ValueError(

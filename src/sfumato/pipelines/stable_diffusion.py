@@ -1,0 +1,756 @@
+"""Stable Diffusion inference: text-to-image, image-to-image, inpainting, inversion and interpolation.
+
+Every method is a plain inference function over a loaded bundle; the loop in `_denoise` is the whole of
+latent diffusion sampling:
+
+    prompt --tokenizer--> ids --CLIP text encoder--> context (B, 77k, D)
+    noise z_T (B, 4, h, w) --sampler(CFG(denoiser(U-Net)))--> z_0 --VAE decoder--> images (B, 3, H, W)
+
+Conventions, chosen so that a seed means the same image here and in diffusers:
+- Random numbers come from one CPU `torch.Generator` per image, seeded `seed, seed + 1, ...` (A1111's rule),
+  so image k of a batch can be regenerated alone from the seed written into its PNG. With one image this is
+  exactly diffusers' single generator; with several it is diffusers' list of generators.
+- The initial latent noise is drawn in diffusers' order and scaled as its schedulers scale it: DDIM, DDPM and
+  DPM-Solver start from the variance-preserving x_T = noise; Euler, Euler-ancestral and Heun from
+  noise * init_noise_sigma (σ_max for "linspace"/"trailing" spacing, sqrt(σ_max² + 1) for "leading").
+  Our samplers work on x = x0 + σ·eps, so both become x_VE = noise * scale (ARCHITECTURE.md, Denoiser).
+- Long prompts: CLIP reads 77 tokens. A prompt of more than 75 tokens is cut into chunks of 75, each chunk
+  framed by start/end tokens and padded to 77, encoded separately, and the chunks' embeddings are
+  concatenated along the token axis (as A1111 does), instead of being silently truncated; the U-Net's
+  cross-attention takes any number of context tokens. The prompt and the negative prompt are padded to the
+  same number of chunks with encodings of an empty chunk. Up to 75 tokens this is exactly diffusers' encoding.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from sfumato.checkpoints.bundle import Bundle, ScheduleConfig
+from sfumato.diffusion.denoisers import DiscreteDenoiser
+from sfumato.diffusion.guidance import classifier_free_guidance
+from sfumato.diffusion.samplers import SAMPLERS, invert_ddim
+from sfumato.diffusion.schedules import (
+    DiscreteSchedule,
+    append_zero,
+    karras_sigmas,
+    make_betas,
+    rescale_zero_terminal_snr,
+    sampling_sigmas,
+    timesteps,
+)
+from sfumato.pipelines.images import (
+    check_size,
+    image_to_tensor,
+    load_image,
+    load_mask,
+    mask_to_tensor,
+    tensor_to_images,
+)
+
+Callback = Callable[[dict], None] | None
+ImageInput = str | Path | Image.Image
+
+# samplers whose diffusers scheduler keeps x variance-preserving and starts from unit noise
+_VP_SAMPLERS = ("ddim", "ddpm", "dpmpp_2m")
+# the η each sampler takes, and its default (DDIM: deterministic; Euler-ancestral: DDPM-like noise)
+_ETA_DEFAULTS = {"ddim": 0.0, "euler_ancestral": 1.0}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Step plans: which σ ladder and start scale reproduce diffusers' scheduler for a sampler name
+
+
+def discrete_schedule(config: ScheduleConfig, interpolation: str = "log") -> DiscreteSchedule:
+    """The training schedule of a bundle as a σ(t) table."""
+    if config.beta_schedule in ("cosine", "squaredcos_cap_v2"):
+        betas = make_betas(config.beta_schedule, config.num_timesteps)
+    else:
+        betas = make_betas(
+            config.beta_schedule, config.num_timesteps, beta_start=config.beta_start, beta_end=config.beta_end
+        )
+    if config.rescale_betas_zero_snr:
+        betas = rescale_zero_terminal_snr(betas)
+    return DiscreteSchedule.from_betas(betas, interpolation)
+
+
+@dataclass
+class StepPlan:
+    """How one sampler walks a schedule: the σ ladder, and how unit noise becomes the first sample."""
+
+    sigmas: torch.Tensor  # (steps + 1,) float64, descending; ends at 0, or at σ(t=0) for DDIM
+    start_scale: float  # x_VE = unit noise * start_scale at sigmas[0] (see the module docstring)
+    schedule: DiscreteSchedule  # maps the ladder's σ back to the timesteps the network sees
+    quantize: bool  # feed the network rounded timesteps (diffusers' DPM-Solver with Karras σ)
+
+
+def check_sampler(sampler: str) -> None:
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+
+
+def plan_steps(config: ScheduleConfig, sampler: str, steps: int, karras: bool = False) -> StepPlan:
+    """The σ ladder diffusers' scheduler for `sampler` would walk with this schedule config.
+
+    ddim -> DDIMScheduler (set_alpha_to_one=False: the last step lands on ᾱ_0, not 1); ddpm -> DDPMScheduler;
+    euler / euler_ancestral / heun -> the *DiscreteScheduler of that name (σ interpolated linearly in t,
+    Karras σ with log-σ interpolation); dpmpp_2m -> DPMSolverMultistepScheduler (its "leading" spacing
+    divides T into steps + 1 intervals; with Karras σ the ladder spans the whole schedule).
+    """
+    check_sampler(sampler)
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if karras and sampler in ("ddim", "ddpm"):
+        raise ValueError(f"karras=True is not defined for {sampler}; use euler, euler_ancestral, heun or dpmpp_2m")
+    spacing, offset = config.timestep_spacing, config.steps_offset
+    schedule = discrete_schedule(config, "log" if karras or sampler in _VP_SAMPLERS else "linear")
+    T = schedule.num_timesteps
+    if sampler == "ddim":
+        sigmas = sampling_sigmas(schedule, steps, spacing=spacing, steps_offset=offset, final="sigma_min")
+    elif sampler == "dpmpp_2m" and karras:
+        sigmas = append_zero(karras_sigmas(steps, schedule.sigma_min, schedule.sigma_max))
+    elif sampler == "dpmpp_2m" and spacing == "leading":
+        sigmas = append_zero(schedule.t_to_sigma(timesteps(steps + 1, T, spacing, offset)[:-1]))
+    else:
+        kind = "karras" if karras else "discrete"
+        sigmas = sampling_sigmas(schedule, steps, spacing=spacing, steps_offset=offset, kind=kind)
+    sigma0 = float(sigmas[0])
+    if sampler in _VP_SAMPLERS or spacing == "leading":
+        start = math.sqrt(1 + sigma0**2)
+    else:
+        start = sigma0
+    return StepPlan(sigmas, start, schedule, quantize=karras and sampler == "dpmpp_2m")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-4) -> torch.Tensor:
+    """Spherical interpolation between two noise tensors (Shoemake 1985): keeps the norm a Gaussian sample
+    has, which linear interpolation shrinks mid-way. Falls back to lerp for nearly parallel inputs."""
+    af, bf = a.flatten().double(), b.flatten().double()
+    cos = torch.dot(af, bf) / (af.norm() * bf.norm())
+    if cos.abs() > 1 - eps:
+        return torch.lerp(a, b, t)
+    theta = torch.arccos(cos)
+    wa, wb = torch.sin((1 - t) * theta) / torch.sin(theta), torch.sin(t * theta) / torch.sin(theta)
+    return (wa * a.double() + wb * b.double()).to(a.dtype)
+
+
+def _as_list(value, n: int, name: str) -> list:
+    if isinstance(value, (str, Image.Image, Path)) or value is None:
+        return [value] * n
+    value = list(value)
+    if len(value) != n:
+        raise ValueError(f"{name} has {len(value)} entries for {n} prompts; pass one, or one per prompt")
+    return value
+
+
+def _seeds(seed: int | Sequence[int] | None, n: int) -> list[int]:
+    """One seed per image: `seed, seed + 1, ...` for an int, the list as given, or fresh random seeds."""
+    if seed is None:
+        seed = secrets.randbits(31)
+    if isinstance(seed, int):
+        return [seed + i for i in range(n)]
+    seeds = [int(s) for s in seed]
+    if len(seeds) != n:
+        raise ValueError(f"got {len(seeds)} seeds for {n} images; pass one int, or one seed per image")
+    return seeds
+
+
+def _randn(shape: tuple[int, ...], generators: list[torch.Generator]) -> torch.Tensor:
+    """(N, ...) standard normal noise, row i from generators[i] on the CPU (diffusers' randn_tensor)."""
+    return torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generators])  # N x (1, ...)
+
+
+def _check_guidance(guidance: float) -> None:
+    if not guidance >= 1:
+        raise ValueError(
+            f"guidance must be >= 1 (1 turns classifier-free guidance off; SD uses 5-9), got {guidance}"
+        )
+
+
+def _check_strength(strength: float, steps: int) -> int:
+    """The number of steps image-to-image runs: diffusers' int(steps * strength)."""
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1] (1 ignores the input image), got {strength}")
+    run = min(int(steps * strength), steps)
+    if run < 1:
+        raise ValueError(
+            f"strength {strength} with {steps} steps leaves no denoising step (int(steps * strength) = 0); "
+            f"use strength >= {1 / steps:.3g} or steps >= {math.ceil(1 / strength)}"
+        )
+    return run
+
+
+class _Progress:
+    """A tqdm bar on terminals (or when asked), plus the user's callback, as one sampler callback."""
+
+    def __init__(self, total: int, callback: Callback, progress: bool | None, desc: str):
+        if progress is None:
+            progress = sys.stderr.isatty()
+        self.bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, leave=False)
+        self.callback, self.total = callback, total
+
+    def __call__(self, info: dict) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+        if self.callback is not None:
+            self.callback({**info, "steps": self.total})
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _blended(denoiser, blend):
+    """The denoiser that first passes its input through `blend(x, σ)` (inpainting's kept region)."""
+    return lambda x, sigma: denoiser(blend(x, sigma), sigma)
+
+
+class _InpaintUNet(torch.nn.Module):
+    """A 9-channel inpainting U-Net seen as a 4-channel one: the (scaled) latent, then the mask and the
+    masked image's latent, concatenated on the channel axis as the model was trained (Rombach et al. 2022)."""
+
+    def __init__(self, unet: torch.nn.Module, mask: torch.Tensor, masked_latents: torch.Tensor):
+        super().__init__()
+        self.unet, self.mask, self.masked_latents = unet, mask, masked_latents
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        reps = x.shape[0] // self.mask.shape[0]  # CFG doubles the batch: [uncond; cond]
+        extra = torch.cat([self.mask, self.masked_latents], 1).repeat(reps, 1, 1, 1)  # (B, 5, h, w)
+        return self.unet(torch.cat([x, extra], 1), t, context)  # (B, 4 + 1 + 4, h, w)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The pipeline
+
+
+class StableDiffusion:
+    """Text-to-image and friends over a `Bundle` (U-Net, VAE, CLIP text encoder, tokenizer, schedule).
+
+    ``pipe = sfumato.load(path)``, then ``pipe.generate("a red fox in the snow")[0].save("fox.png")``.
+    Every method returns PIL images whose ``info["parameters"]`` holds the generation parameters in
+    AUTOMATIC1111's text format (what `sfumato.pipelines.metadata.save_png` writes into the PNG).
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        source: str | Path | None = None,
+    ):
+        self.bundle = bundle
+        self.device, self.dtype = torch.device(device), dtype
+        self.unet = bundle.unet.to(self.device, dtype).eval()
+        self.vae = bundle.vae.to(self.device, dtype).eval()
+        self.text_encoder = bundle.text_encoder.to(self.device, dtype).eval()
+        self.tokenizer = bundle.tokenizer
+        self.schedule = bundle.schedule
+        self.source = Path(source) if source is not None else None
+        self._hash: str | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        prediction: str | None = None,
+    ) -> StableDiffusion:
+        """A sfumato bundle, a diffusers folder or an SD 1.x/2.x single file (see `sfumato.load`)."""
+        from sfumato.checkpoints.single_file import load_any
+
+        loaded = load_any(path, prediction=prediction)
+        if not isinstance(loaded, Bundle):
+            raise ValueError(
+                f"{path} holds a {type(loaded).__name__}, not a text-to-image model; Stable Diffusion needs "
+                "a bundle, a diffusers folder or an SD single-file checkpoint"
+            )
+        return cls(loaded, device=device, dtype=dtype, source=path)
+
+    # -- properties ----------------------------------------------------------------------------------------
+
+    @property
+    def latent_factor(self) -> int:
+        """Image pixels per latent pixel (8 for SD)."""
+        return self.vae.config.downsample_factor
+
+    @property
+    def scaling_factor(self) -> float:
+        return self.vae.config.scaling_factor
+
+    @property
+    def is_inpainting_model(self) -> bool:
+        return self.unet.config.in_channels == 2 * self.vae.config.z_channels + 1
+
+    @property
+    def model_hash(self) -> str | None:
+        """A1111's "Model hash" of the weights this pipeline was loaded from (computed once, when needed)."""
+        if self._hash is None and self.source is not None and self.source.exists():
+            from sfumato.pipelines.metadata import model_hash
+
+            self._hash = model_hash(self.source)
+        return self._hash
+
+    # -- text ------------------------------------------------------------------------------------------------
+
+    def _chunks(self, text: str) -> list[list[int]]:
+        """Token ids of `text` in 77-token chunks: [start] + up to 75 tokens + [end] + padding."""
+        tok = self.tokenizer
+        n = tok.context_length - 2
+        body = tok.encode(text)[1:-1]  # without start/end tokens
+        pieces = [body[i : i + n] for i in range(0, len(body), n)] or [[]]
+        return [[tok.bos_token_id, *p, tok.eos_token_id] + [tok.pad_token_id] * (n - len(p)) for p in pieces]
+
+    @torch.no_grad()
+    def encode_prompts(
+        self, prompts: Sequence[str], clip_skip: int = 0, min_chunks: int = 1
+    ) -> torch.Tensor:
+        """CLIP text embeddings (P, 77 * k, D) of P prompts, k = the most chunks any prompt needs.
+
+        clip_skip: use the hidden state that many layers before the last (diffusers' ``clip_skip``; A1111's
+        "Clip skip: n" is n - 1), through the final LayerNorm.
+        """
+        chunked = [self._chunks(p) for p in prompts]
+        k = max(min_chunks, *(len(c) for c in chunked))
+        empty = self._chunks("")[0]
+        rows = [c + [empty] * (k - len(c)) for c in chunked]  # P x k x 77
+        ids = torch.tensor([chunk for row in rows for chunk in row], device=self.device)  # (P * k, 77)
+        hidden = self.text_encoder(ids, skip=clip_skip).last_hidden_state  # (P * k, 77, D)
+        return hidden.reshape(len(prompts), -1, hidden.shape[-1])  # (P * k, 77, D) -> (P, k * 77, D)
+
+    def _contexts(
+        self, prompts: list[str], negatives: list[str], guidance: float, clip_skip: int, batch: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Conditional and (when guided) unconditional contexts, each repeated `batch` times per prompt."""
+        cond = self.encode_prompts(prompts, clip_skip)
+        uncond = None
+        if guidance > 1:
+            uncond = self.encode_prompts(negatives, clip_skip, min_chunks=cond.shape[1] // 77)
+            if uncond.shape[1] > cond.shape[1]:  # a negative prompt longer than the prompt
+                cond = self.encode_prompts(prompts, clip_skip, min_chunks=uncond.shape[1] // 77)
+            uncond = uncond.repeat_interleave(batch, 0)  # (P, T, D) -> (P * batch, T, D)
+        return cond.repeat_interleave(batch, 0), uncond
+
+    # -- latents and images ------------------------------------------------------------------------------
+
+    def _size(self, width: int | None, height: int | None) -> tuple[int, int]:
+        default = self.schedule.image_size or 512
+        width, height = width or default, height or default
+        check_size(width, height, self.latent_factor)
+        return width, height
+
+    @torch.no_grad()
+    def _encode(self, images: torch.Tensor, generators: list[torch.Generator] | None) -> torch.Tensor:
+        """Scaled latents of images (N, 3, H, W) in [-1, 1]: a posterior sample, row i drawn from
+        generators[i] (diffusers' `retrieve_latents`), or the posterior mean when generators is None."""
+        post = self.vae.encode(images.to(self.device, self.dtype))
+        if generators is None:
+            z = post.mode()
+        else:
+            noise = _randn(tuple(post.mean.shape), generators).to(post.mean)
+            z = post.mean + post.std * noise
+        return z * self.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        """PIL images from diffusion latents (scaled by the VAE's scaling factor)."""
+        x = self.vae.decode(latents.to(self.device, self.dtype) / self.scaling_factor)
+        return tensor_to_images(x.float().cpu())
+
+    def _load_images(self, image, n: int, size: tuple[int, int] | None) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(n, 3, H, W) in [-1, 1] from one image (repeated) or one image per prompt, resized to `size`."""
+        images = [load_image(im) for im in (image if isinstance(image, (list, tuple)) else [image] * n)]
+        if len(images) != n:
+            raise ValueError(f"got {len(images)} images for {n} prompts; pass one, or one per prompt")
+        w, h = size if size is not None else images[0].size
+        check_size(w, h, self.latent_factor)
+        images = [im if im.size == (w, h) else im.resize((w, h), Image.Resampling.LANCZOS) for im in images]
+        return image_to_tensor(images), (w, h)
+
+    # -- the sampling loop ------------------------------------------------------------------------------
+
+    def _denoise(
+        self,
+        x: torch.Tensor,
+        sigmas: torch.Tensor,
+        plan: StepPlan,
+        sampler: str,
+        cond: torch.Tensor,
+        uncond: torch.Tensor | None,
+        guidance: float,
+        generators: list[torch.Generator],
+        *,
+        eta: float | None,
+        unet: torch.nn.Module | None = None,
+        blend: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        callback: Callback = None,
+        progress: bool | None = None,
+        desc: str = "sampling",
+    ) -> torch.Tensor:
+        """Run `sampler` from the VE sample x at sigmas[0] down the ladder; returns the clean latents."""
+        denoiser = DiscreteDenoiser(
+            unet if unet is not None else self.unet, plan.schedule, self.schedule.prediction, plan.quantize
+        )
+        if uncond is None:
+            guided = classifier_free_guidance(denoiser, 1.0, {"context": cond}, {})
+        else:
+            guided = classifier_free_guidance(denoiser, guidance, {"context": cond}, {"context": uncond})
+        if blend is not None:
+            guided = _blended(guided, blend)
+
+        kwargs = {}
+        if eta is not None:
+            if sampler not in _ETA_DEFAULTS:
+                raise ValueError(f"eta applies to {' and '.join(_ETA_DEFAULTS)}, not to {sampler}")
+            kwargs["eta"] = eta
+        bar = _Progress(len(sigmas) - 1, callback, progress, desc)
+        try:
+            x = SAMPLERS[sampler](guided, x, sigmas, generator=generators, callback=bar, **kwargs)
+        finally:
+            bar.close()
+        return x / math.sqrt(1 + float(sigmas[-1]) ** 2)  # VE -> VP at the last level (DDIM ends at σ_min)
+
+    def _params(self, **params) -> dict:
+        params = {k: v for k, v in params.items() if v is not None}
+        if self.model_hash is not None:
+            params["model_hash"] = self.model_hash
+        if self.source is not None:
+            params["model"] = self.source.stem if self.source.is_file() else self.source.name
+        return params
+
+    def _finish(self, latents: torch.Tensor, params: list[dict], output: str):
+        if output == "latent":
+            return latents
+        from sfumato.pipelines.metadata import format_parameters
+
+        images = self.decode(latents)
+        for im, p in zip(images, params):
+            im.info["parameters"] = format_parameters(p)
+        return images
+
+    # -- text to image ---------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] = "",
+        *,
+        steps: int = 25,
+        guidance: float = 7.5,
+        sampler: str = "dpmpp_2m",
+        karras: bool = True,
+        eta: float | None = None,
+        seed: int | Sequence[int] | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        batch: int = 1,
+        clip_skip: int = 0,
+        latents: torch.Tensor | None = None,
+        callback: Callback = None,
+        progress: bool | None = None,
+        output: str = "pil",
+    ) -> list[Image.Image] | torch.Tensor:
+        """Images for each prompt (`batch` per prompt): classifier-free guidance with the conditional and
+        unconditional passes in one batch, the negative prompt in place of the empty one.
+
+        seed: an int (image i gets seed + i), one seed per image, or None for random seeds (written into
+        each image's parameters). latents: start from this unit-variance noise (N, 4, h, w) instead of
+        seeded noise, e.g. what `invert` returns. output: "pil" or "latent".
+        callback(info) runs after every step with i, x, sigma, sigma_next, denoised, steps.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("prompt is empty; pass a string or a list of strings")
+        negatives = _as_list(negative_prompt or "", len(prompts), "negative_prompt")
+        _check_guidance(guidance)
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1 images per prompt, got {batch}")
+        plan = plan_steps(self.schedule, sampler, steps, karras)
+        width, height = self._size(width, height)
+        n = len(prompts) * batch
+        seeds = _seeds(seed, n)
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        cond, uncond = self._contexts(prompts, negatives, guidance, clip_skip, batch)
+        shape = (n, self.vae.config.z_channels, height // self.latent_factor, width // self.latent_factor)
+        if latents is None:
+            noise = _randn(shape, gens)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape} for these settings, got {tuple(latents.shape)}")
+        else:
+            noise = latents.float().cpu()
+        x = (noise * plan.start_scale).to(self.device, self.dtype)
+        z = self._denoise(x, plan.sigmas, plan, sampler, cond, uncond, guidance, gens, eta=eta,
+                          callback=callback, progress=progress)  # fmt: skip
+        params = [
+            self._params(
+                prompt=prompts[i // batch], negative_prompt=negatives[i // batch], steps=steps, sampler=sampler,
+                karras=karras, guidance=guidance, seed=seeds[i], width=width, height=height,
+                clip_skip=clip_skip, eta=eta,
+            )  # fmt: skip
+            for i in range(n)
+        ]
+        return self._finish(z, params, output)
+
+    # -- image to image --------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def image_to_image(
+        self,
+        image: ImageInput | Sequence[ImageInput],
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] = "",
+        *,
+        strength: float = 0.8,
+        steps: int = 25,
+        guidance: float = 7.5,
+        sampler: str = "dpmpp_2m",
+        karras: bool = True,
+        eta: float | None = None,
+        seed: int | Sequence[int] | None = None,
+        batch: int = 1,
+        clip_skip: int = 0,
+        width: int | None = None,
+        height: int | None = None,
+        callback: Callback = None,
+        progress: bool | None = None,
+        output: str = "pil",
+    ) -> list[Image.Image] | torch.Tensor:
+        """SDEdit (Meng et al. 2022): noise the image's latent to the level `strength` of the way up the
+        schedule, then denoise it under the prompt; int(steps * strength) steps run (diffusers' rule).
+
+        The image is resized to width x height when they are given (multiples of 8), else used at its size.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = _as_list(negative_prompt or "", len(prompts), "negative_prompt")
+        _check_guidance(guidance)
+        run = _check_strength(strength, steps)
+        plan = plan_steps(self.schedule, sampler, steps, karras)
+        sigmas = plan.sigmas[steps - run :]  # diffusers: timesteps[t_start * order:]
+        n = len(prompts) * batch
+        pixels, (width, height) = self._load_images(image, len(prompts), (width, height) if width else None)
+        pixels = pixels.repeat_interleave(batch, 0)  # (P, 3, H, W) -> (N, 3, H, W)
+        seeds = _seeds(seed, n)
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        cond, uncond = self._contexts(prompts, negatives, guidance, clip_skip, batch)
+        z0 = self._encode(pixels, gens).float().cpu()  # draws first, as diffusers' prepare_latents does
+        noise = _randn(tuple(z0.shape), gens)
+        x = (z0 + float(sigmas[0]) * noise).to(self.device, self.dtype)  # q(x_t | x_0) in VE form
+        z = self._denoise(x, sigmas, plan, sampler, cond, uncond, guidance, gens, eta=eta,
+                          callback=callback, progress=progress, desc="img2img")  # fmt: skip
+        params = [
+            self._params(
+                prompt=prompts[i // batch], negative_prompt=negatives[i // batch], steps=steps, sampler=sampler,
+                karras=karras, guidance=guidance, seed=seeds[i], width=width, height=height,
+                clip_skip=clip_skip, eta=eta, strength=strength,
+            )  # fmt: skip
+            for i in range(n)
+        ]
+        return self._finish(z, params, output)
+
+    # -- inpainting ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def inpaint(
+        self,
+        image: ImageInput,
+        mask: ImageInput,
+        prompt: str,
+        negative_prompt: str = "",
+        *,
+        strength: float = 1.0,
+        steps: int = 25,
+        guidance: float = 7.5,
+        sampler: str = "dpmpp_2m",
+        karras: bool = True,
+        eta: float | None = None,
+        seed: int | Sequence[int] | None = None,
+        batch: int = 1,
+        clip_skip: int = 0,
+        callback: Callback = None,
+        progress: bool | None = None,
+        output: str = "pil",
+    ) -> list[Image.Image] | torch.Tensor:
+        """Repaint the white part of `mask` under the prompt, keeping the black part.
+
+        A 9-channel inpainting U-Net sees the mask and the masked image's latent at every step. An ordinary
+        4-channel model is steered by latent blending: before every denoiser call the kept region is replaced
+        by the original latent noised to the current level (which, for these elementwise samplers, is the
+        same as diffusers' blending after every step), and the kept region of the result is the original
+        latent. The mask is binarised at 50% grey; see `sfumato.pipelines.images.load_mask` for its size rule.
+        """
+        _check_guidance(guidance)
+        run = _check_strength(strength, steps)
+        plan = plan_steps(self.schedule, sampler, steps, karras)
+        sigmas = plan.sigmas[steps - run :]
+        pil = load_image(image)
+        width, height = pil.size
+        check_size(width, height, self.latent_factor)
+        pixels = image_to_tensor([pil]).repeat(batch, 1, 1, 1)  # (N, 3, H, W)
+        m = mask_to_tensor([load_mask(mask, (width, height))]).repeat(batch, 1, 1, 1)  # (N, 1, H, W) in {0, 1}
+        f = self.latent_factor
+        m_lat = torch.nn.functional.interpolate(m, size=(height // f, width // f))  # nearest, as diffusers
+        seeds = _seeds(seed, batch)
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        cond, uncond = self._contexts([prompt], [negative_prompt or ""], guidance, clip_skip, batch)
+
+        # random draws in diffusers' order: image latent (when needed), noise, masked-image latent
+        nine = self.is_inpainting_model
+        if not nine and self.unet.config.in_channels != self.vae.config.z_channels:
+            raise ValueError(
+                f"the U-Net takes {self.unet.config.in_channels} channels; inpainting needs a "
+                f"{self.vae.config.z_channels}-channel model or a {2 * self.vae.config.z_channels + 1}-channel "
+                "inpainting model"
+            )
+        z_img = self._encode(pixels, gens).float().cpu() if (not nine or strength < 1) else None
+        shape = (batch, self.vae.config.z_channels, height // f, width // f)
+        noise = _randn(shape, gens)
+        z_masked = self._encode(pixels * (m < 0.5), gens)  # diffusers draws this even for 4-channel models
+        if strength == 1:
+            x = noise * plan.start_scale
+        else:
+            x = z_img + float(sigmas[0]) * noise
+        x = x.to(self.device, self.dtype)
+
+        unet, blend = None, None
+        if nine:
+            unet = _InpaintUNet(self.unet, m_lat.to(self.device, self.dtype), z_masked)
+        else:
+            keep = (1 - m_lat).to(self.device, self.dtype)
+            z_keep, noise_d = z_img.to(self.device, self.dtype), noise.to(self.device, self.dtype)
+            first = float(sigmas[0]) if strength == 1 else None  # diffusers does not blend the pure-noise start
+
+            def blend(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+                s = float(torch.as_tensor(sigma).flatten()[0])
+                if s == first:
+                    return x
+                return keep * (z_keep + s * noise_d) + (1 - keep) * x
+
+        z = self._denoise(x, sigmas, plan, sampler, cond, uncond, guidance, gens, eta=eta, unet=unet,
+                          blend=blend, callback=callback, progress=progress, desc="inpaint")  # fmt: skip
+        if not nine:
+            z = keep * z_keep + (1 - keep) * z
+        params = [
+            self._params(
+                prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler, karras=karras,
+                guidance=guidance, seed=seeds[i], width=width, height=height, clip_skip=clip_skip, eta=eta,
+                strength=strength,
+            )  # fmt: skip
+            for i in range(batch)
+        ]
+        return self._finish(z, params, output)
+
+    # -- inversion -------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def invert(
+        self,
+        image: ImageInput,
+        prompt: str = "",
+        *,
+        steps: int = 50,
+        guidance: float = 1.0,
+        clip_skip: int = 0,
+        callback: Callback = None,
+        progress: bool | None = None,
+    ) -> torch.Tensor:
+        """DDIM inversion (Song et al. 2021 §4.3): the unit-variance noise (1, 4, h, w) from which DDIM
+        sampling with the same prompt, steps and guidance regenerates `image`:
+
+            noise = pipe.invert(img, "a cat")
+            pipe.generate("a cat", latents=noise, sampler="ddim", steps=50, guidance=1.0)
+
+        The image's latent is the posterior mean. Guidance above 1 makes the round trip inexact (the
+        inverted path is not the guided one); 1 is the faithful choice.
+        """
+        _check_guidance(guidance)
+        plan = plan_steps(self.schedule, "ddim", steps)
+        pixels, _ = self._load_images([image], 1, None)
+        z0 = self._encode(pixels, None)
+        cond, uncond = self._contexts([prompt], [""], guidance, clip_skip, 1)
+        denoiser = DiscreteDenoiser(self.unet, plan.schedule, self.schedule.prediction)
+        uncond_kw = {"context": uncond} if uncond is not None else {}
+        guided = classifier_free_guidance(denoiser, guidance, {"context": cond}, uncond_kw)
+        sigmas = plan.sigmas
+        x = z0 * math.sqrt(1 + float(sigmas[-1]) ** 2)  # the clean latent as DDIM's last (VE) sample
+        bar = _Progress(len(sigmas) - 1, callback, progress, "inverting")
+        try:
+            x = invert_ddim(guided, x, sigmas, callback=bar)
+        finally:
+            bar.close()
+        return (x / math.sqrt(1 + float(sigmas[0]) ** 2)).float().cpu()  # VE -> unit-variance noise
+
+    # -- interpolation -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def interpolate(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        *,
+        frames: int = 8,
+        negative_prompt: str = "",
+        steps: int = 25,
+        guidance: float = 7.5,
+        sampler: str = "ddim",
+        karras: bool = False,
+        width: int | None = None,
+        height: int | None = None,
+        clip_skip: int = 0,
+        batch: int = 4,
+        callback: Callback = None,
+        progress: bool | None = None,
+    ) -> list[Image.Image]:
+        """Frames that walk through keyframes (prompt_i, seed_i): `frames` per segment between consecutive
+        keyframes, the noise by slerp, the prompt embeddings linearly. A deterministic sampler (ddim, euler,
+        heun, dpmpp_2m) makes the walk smooth. One prompt with several seeds walks the noise only; one seed
+        with several prompts walks the text only. Returns len(keyframes - 1) * frames + 1 images.
+        """
+        keys = max(len(prompts), len(seeds))
+        if keys < 2:
+            raise ValueError("interpolate needs two keyframes: at least two prompts or two seeds")
+        prompts = list(prompts) * keys if len(prompts) == 1 else list(prompts)
+        seeds = list(seeds) * keys if len(seeds) == 1 else list(seeds)
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts and {len(seeds)} seeds; give one, or one per keyframe")
+        if frames < 1:
+            raise ValueError(f"frames must be >= 1 per segment, got {frames}")
+        _check_guidance(guidance)
+        plan = plan_steps(self.schedule, sampler, steps, karras)
+        width, height = self._size(width, height)
+        f = self.latent_factor
+        shape = (1, self.vae.config.z_channels, height // f, width // f)
+        noises = [_randn(shape, [torch.Generator().manual_seed(s)]) for s in seeds]
+        cond_all, uncond = self._contexts(prompts, [negative_prompt] * keys, guidance, clip_skip, 1)
+        # (segment, t) for every frame, then the last keyframe itself
+        points = [(k, j / frames) for k in range(keys - 1) for j in range(frames)] + [(keys - 2, 1.0)]
+        images: list[Image.Image] = []
+        for start in range(0, len(points), batch):
+            chunk = points[start : start + batch]
+            noise = torch.cat([slerp(noises[k], noises[k + 1], t) for k, t in chunk])  # (b, 4, h, w)
+            cond = torch.stack([torch.lerp(cond_all[k], cond_all[k + 1], t) for k, t in chunk])  # (b, T, D)
+            gens = [torch.Generator().manual_seed(seeds[k]) for k, _ in chunk]
+            u = uncond[:1].expand(len(chunk), -1, -1) if uncond is not None else None
+            x = (noise * plan.start_scale).to(self.device, self.dtype)
+            z = self._denoise(x, plan.sigmas, plan, sampler, cond, u, guidance, gens, eta=None,
+                              callback=callback, progress=progress,
+                              desc=f"frames {start + 1}-{start + len(chunk)}/{len(points)}")  # fmt: skip
+            images += self.decode(z)
+        return images
