@@ -171,6 +171,14 @@ def _randn(shape: tuple[int, ...], generators: list[torch.Generator]) -> torch.T
     return torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generators])  # N x (1, ...)
 
 
+def _drawn(seed: int, shape: tuple[int, ...]) -> torch.Generator:
+    """A generator seeded `seed` that has drawn one image's initial noise of `shape`: the state generate()'s
+    generator is in when sampling starts."""
+    g = torch.Generator().manual_seed(seed)
+    _randn(shape, [g])
+    return g
+
+
 def _check_guidance(guidance: float) -> None:
     if not guidance >= 1:
         raise ValueError(
@@ -746,7 +754,9 @@ class StableDiffusion:
             chunk = points[start : start + batch]
             noise = torch.cat([slerp(noises[k], noises[k + 1], t) for k, t in chunk])  # (b, 4, h, w)
             cond = torch.stack([torch.lerp(cond_all[k], cond_all[k + 1], t) for k, t in chunk])  # (b, T, D)
-            gens = [torch.Generator().manual_seed(seeds[k]) for k, _ in chunk]
+            # a frame's sampler noise continues its keyframe's generator after the initial noise draw, as in
+            # generate(), so that keyframes are generate(prompt_i, seed=seed_i) with stochastic samplers too
+            gens = [_drawn(seeds[k + 1] if t == 1 else seeds[k], shape) for k, t in chunk]
             u = uncond[:1].expand(len(chunk), -1, -1) if uncond is not None else None
             x = (noise * plan.start_scale).to(self.device, self.dtype)
             z = self._denoise(x, plan.sigmas, plan, sampler, cond, u, guidance, gens, eta=None,
