@@ -179,6 +179,12 @@ def _drawn(seed: int, shape: tuple[int, ...]) -> torch.Generator:
     return g
 
 
+def _karras(sampler: str, karras: bool | None) -> bool:
+    """Karras σ unless asked otherwise, for the samplers that have them; ddim and ddpm walk their own ladder
+    (so that `generate(..., sampler="ddim")` works without `karras=False`)."""
+    return sampler not in ("ddim", "ddpm") if karras is None else karras
+
+
 def _check_guidance(guidance: float) -> None:
     if not guidance >= 1:
         raise ValueError(
@@ -464,7 +470,7 @@ class StableDiffusion:
         steps: int = 25,
         guidance: float = 7.5,
         sampler: str = "dpmpp_2m",
-        karras: bool = True,
+        karras: bool | None = None,
         eta: float | None = None,
         seed: int | Sequence[int] | None = None,
         width: int | None = None,
@@ -479,6 +485,7 @@ class StableDiffusion:
         """Images for each prompt (`batch` per prompt): classifier-free guidance with the conditional and
         unconditional passes in one batch, the negative prompt in place of the empty one.
 
+        karras: Karras σ spacing; None (the default) means yes, except for ddim and ddpm, which have none.
         seed: an int (image i gets seed + i), one seed per image, or None for random seeds (written into
         each image's parameters). latents: start from this unit-variance noise (N, 4, h, w) instead of
         seeded noise, e.g. what `invert` returns. output: "pil" or "latent".
@@ -489,6 +496,7 @@ class StableDiffusion:
             raise ValueError("prompt is empty; pass a string or a list of strings")
         negatives = _as_list(negative_prompt or "", len(prompts), "negative_prompt")
         _check_guidance(guidance)
+        karras = _karras(sampler, karras)
         if batch < 1:
             raise ValueError(f"batch must be >= 1 images per prompt, got {batch}")
         plan = plan_steps(self.schedule, sampler, steps, karras)
@@ -530,7 +538,7 @@ class StableDiffusion:
         steps: int = 25,
         guidance: float = 7.5,
         sampler: str = "dpmpp_2m",
-        karras: bool = True,
+        karras: bool | None = None,
         eta: float | None = None,
         seed: int | Sequence[int] | None = None,
         batch: int = 1,
@@ -549,6 +557,7 @@ class StableDiffusion:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = _as_list(negative_prompt or "", len(prompts), "negative_prompt")
         _check_guidance(guidance)
+        karras = _karras(sampler, karras)
         run = _check_strength(strength, steps)
         plan = plan_steps(self.schedule, sampler, steps, karras)
         sigmas = plan.sigmas[steps - run :]  # diffusers: timesteps[t_start * order:]
@@ -587,7 +596,7 @@ class StableDiffusion:
         steps: int = 25,
         guidance: float = 7.5,
         sampler: str = "dpmpp_2m",
-        karras: bool = True,
+        karras: bool | None = None,
         eta: float | None = None,
         seed: int | Sequence[int] | None = None,
         batch: int = 1,
@@ -605,6 +614,7 @@ class StableDiffusion:
         latent. The mask is binarised at 50% grey; see `sfumato.pipelines.images.load_mask` for its size rule.
         """
         _check_guidance(guidance)
+        karras = _karras(sampler, karras)
         run = _check_strength(strength, steps)
         plan = plan_steps(self.schedule, sampler, steps, karras)
         sigmas = plan.sigmas[steps - run :]
