@@ -185,6 +185,11 @@ def _karras(sampler: str, karras: bool | None) -> bool:
     return sampler not in ("ddim", "ddpm") if karras is None else karras
 
 
+def _check_output(output: str) -> None:
+    if output not in ("pil", "latent"):
+        raise ValueError(f"output must be 'pil' or 'latent', got {output!r}")
+
+
 def _check_guidance(guidance: float) -> None:
     if not guidance >= 1:
         raise ValueError(
@@ -366,7 +371,8 @@ class StableDiffusion:
 
     def _size(self, width: int | None, height: int | None) -> tuple[int, int]:
         default = self.schedule.image_size or 512
-        width, height = width or default, height or default
+        width = default if width is None else width  # 0 is an error below, not "use the default"
+        height = default if height is None else height
         check_size(width, height, self.latent_factor)
         return width, height
 
@@ -433,6 +439,8 @@ class StableDiffusion:
         if eta is not None:
             if sampler not in _ETA_DEFAULTS:
                 raise ValueError(f"eta applies to {' and '.join(_ETA_DEFAULTS)}, not to {sampler}")
+            if not eta >= 0:
+                raise ValueError(f"eta must be >= 0 (0: deterministic, 1: DDPM-like noise), got {eta}")
             kwargs["eta"] = eta
         bar = _Progress(len(sigmas) - 1, callback, progress, desc)
         try:
@@ -496,6 +504,7 @@ class StableDiffusion:
             raise ValueError("prompt is empty; pass a string or a list of strings")
         negatives = _as_list(negative_prompt or "", len(prompts), "negative_prompt")
         _check_guidance(guidance)
+        _check_output(output)
         karras = _karras(sampler, karras)
         if batch < 1:
             raise ValueError(f"batch must be >= 1 images per prompt, got {batch}")
@@ -555,14 +564,23 @@ class StableDiffusion:
         The image is resized to width x height when they are given (multiples of 8), else used at its size.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("prompt is empty; pass a string or a list of strings")
         negatives = _as_list(negative_prompt or "", len(prompts), "negative_prompt")
         _check_guidance(guidance)
+        _check_output(output)
+        if (width is None) != (height is None):
+            raise ValueError(
+                f"give both width and height to resize the image (got width={width}, height={height}), "
+                "or neither to keep its size"
+            )
         karras = _karras(sampler, karras)
         run = _check_strength(strength, steps)
         plan = plan_steps(self.schedule, sampler, steps, karras)
         sigmas = plan.sigmas[steps - run :]  # diffusers: timesteps[t_start * order:]
         n = len(prompts) * batch
-        pixels, (width, height) = self._load_images(image, len(prompts), (width, height) if width else None)
+        size = None if width is None else (width, height)
+        pixels, (width, height) = self._load_images(image, len(prompts), size)
         pixels = pixels.repeat_interleave(batch, 0)  # (P, 3, H, W) -> (N, 3, H, W)
         seeds = _seeds(seed, n)
         gens = [torch.Generator().manual_seed(s) for s in seeds]
@@ -614,6 +632,7 @@ class StableDiffusion:
         latent. The mask is binarised at 50% grey; see `sfumato.pipelines.images.load_mask` for its size rule.
         """
         _check_guidance(guidance)
+        _check_output(output)
         karras = _karras(sampler, karras)
         run = _check_strength(strength, steps)
         plan = plan_steps(self.schedule, sampler, steps, karras)
