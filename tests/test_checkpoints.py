@@ -270,7 +270,7 @@ def test_diffusers_round_trip_and_pipeline_parity(tok, tmp_path):
     pipe = diffusers_pipeline(tok, tmp_path)
     pipe.save_pretrained(tmp_path / "src")  # transformers 5 writes tokenizer.json only
     bundle = load_diffusers(tmp_path / "src")
-    assert bundle.schedule == ScheduleConfig(prediction="v")
+    assert bundle.schedule == ScheduleConfig(prediction="v", image_size=16)  # sample_size 8 x VAE f=2
     save_bundle(bundle, tmp_path / "bundle")
     bundle = load_bundle(tmp_path / "bundle")
     save_diffusers(bundle, tmp_path / "out")  # writes vocab.json + merges.txt
@@ -435,7 +435,7 @@ def test_sd1_single_file_loads_back_equal(tok, tmp_path):
     ours = tiny_sd1(tok)
     save_file({k: v.contiguous() for k, v in sd1_state_dict(ours).items()}, tmp_path / "sd1.safetensors")
     b = load_any(tmp_path / "sd1.safetensors", prediction="eps", tokenizer=tok)
-    assert isinstance(b, Bundle) and b.schedule == ScheduleConfig()
+    assert isinstance(b, Bundle) and b.schedule == ScheduleConfig(image_size=512)
     for part in ("unet", "vae", "text_encoder"):
         assert getattr(b, part).config == getattr(ours, part).config
         same_tensors(getattr(ours, part).state_dict(), getattr(b, part).state_dict())

@@ -20,6 +20,7 @@ from conftest import random_weights_, tiny_bundle
 from PIL import Image
 
 import sfumato
+from sfumato.diffusion.denoisers import DiscreteDenoiser
 from sfumato.pipelines.images import NonFiniteImageError, image_to_tensor
 from sfumato.pipelines.metadata import model_hash, parse_parameters, read_parameters, save_png
 from sfumato.pipelines.stable_diffusion import StableDiffusion, plan_steps, slerp
@@ -567,7 +568,17 @@ def test_v_prediction():
     eps_pipe.unet = EpsFromV(v_pipe.unet)
     v_latent = v_pipe.generate(CAT, "a dog", output="latent", **settings)
     e_latent = eps_pipe.generate(CAT, "a dog", output="latent", **settings)
-    torch.testing.assert_close(e_latent, v_latent, rtol=1e-4, atol=1e-4 * float(v_latent.abs().max()))
+    # the random tiny U-Net amplifies float rounding (thread count, kernel choice) along the 8 guided steps,
+    # so the whole trajectory is compared loosely and one denoiser evaluation tightly
+    torch.testing.assert_close(e_latent, v_latent, rtol=0, atol=2e-2 * float(v_latent.abs().max()))
+    plan = plan_steps(v_pipe.schedule, "ddim", 8)
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)) * 3
+    context = v_pipe.encode_prompts([CAT, "a dog"])
+    with torch.no_grad():
+        for sigma in plan.sigmas[:-1]:
+            d_v = DiscreteDenoiser(v_pipe.unet, plan.schedule, "v")(x, sigma, context=context)
+            d_e = DiscreteDenoiser(eps_pipe.unet, plan.schedule, "eps")(x, sigma, context=context)
+            torch.testing.assert_close(d_e, d_v, rtol=1e-4, atol=1e-4 * float(d_v.abs().max()))
 
 
 # ---------------------------------------------------------------------------------------------------------

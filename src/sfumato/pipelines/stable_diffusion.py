@@ -261,8 +261,8 @@ class StableDiffusion:
     """Text-to-image and friends over a `Bundle` (U-Net, VAE, CLIP text encoder, tokenizer, schedule).
 
     ``pipe = sfumato.load(path)``, then ``pipe.generate("a red fox in the snow")[0].save("fox.png")``.
-    Every method returns PIL images whose ``info["parameters"]`` holds the generation parameters in
-    AUTOMATIC1111's text format (what `sfumato.pipelines.metadata.save_png` writes into the PNG).
+    `generate`, `image_to_image` and `inpaint` return PIL images whose ``info["parameters"]`` holds the
+    generation parameters in AUTOMATIC1111's text format (what `sfumato.pipelines.metadata.save_png` writes).
     """
 
     def __init__(
@@ -520,7 +520,9 @@ class StableDiffusion:
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape} for these settings, got {tuple(latents.shape)}")
         else:
-            noise = latents.float().cpu()
+            # contiguous: the U-Net's CPU convolutions pick kernels by memory layout, and their results
+            # differ in the last bits; a channels-last noise tensor would not reproduce a saved one exactly
+            noise = latents.float().cpu().contiguous()
         x = (noise * plan.start_scale).to(self.device, self.dtype)
         z = self._denoise(x, plan.sigmas, plan, sampler, cond, uncond, guidance, gens, eta=eta,
                           callback=callback, progress=progress)  # fmt: skip
@@ -732,7 +734,7 @@ class StableDiffusion:
             x = invert_ddim(guided, x, sigmas, callback=bar)
         finally:
             bar.close()
-        return (x / math.sqrt(1 + float(sigmas[0]) ** 2)).float().cpu()  # VE -> unit-variance noise
+        return (x / math.sqrt(1 + float(sigmas[0]) ** 2)).float().cpu().contiguous()  # VE -> unit noise
 
     # -- interpolation -----------------------------------------------------------------------------------
 
