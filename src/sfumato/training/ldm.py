@@ -1,0 +1,344 @@
+"""Latent diffusion training (Rombach et al. 2022): the objective of a text-to-image U-Net.
+
+One step of `LDMTask.loss`, per example i of the batch (all random numbers from example i's own stream,
+`BatchRandom`, drawn in this order):
+
+    1. u_i ~ U[0, 1): the caption is replaced by "" when u_i < caption_dropout, so that the same network
+       also learns the unconditional model that classifier-free guidance needs (Ho & Salimans 2022, sec. 3.2)
+    2. t_i ~ U{0, ..., T-1}
+    3. e_i ~ N(0, I): the VAE posterior sample z0 = scaling_factor · (μ(x) + σ(x) e_i)   (frozen VAE)
+    4. n_i ~ N(0, I): the diffusion noise; x_t = sqrt(ᾱ_t) z0 + sqrt(1 - ᾱ_t) n_i
+    loss_i = |U-Net(x_t, t, context_i) - target|², target = n_i (eps) or v (Salimans & Ho 2022)
+
+Steps 4 and the loss are `DiscreteDenoiser.loss` (Ho et al. 2020, Algorithm 1), so the training target and
+the sampler's reading of the network come from one place. With a `LatentCache`, μ, σ and the contexts are
+read from disk instead of computed, and the draws are the same, so the loss is the same (up to rounding).
+
+The frozen VAE and text encoder live on the task (eval mode, no gradients) and follow the U-Net to its
+device the first time a loss or preview runs there.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch import nn
+
+from sfumato.checkpoints.bundle import Bundle, ScheduleConfig, save_bundle
+from sfumato.data.cache import LatentCache
+from sfumato.diffusion.denoisers import DiscreteDenoiser
+from sfumato.models.clip import CLIPTextModel
+from sfumato.models.unet import UNet, UNetConfig
+from sfumato.models.vae import AutoencoderKL
+from sfumato.pipelines.metadata import save_png  # atomic: temporary name, then rename
+from sfumato.pipelines.stable_diffusion import StableDiffusion, discrete_schedule
+from sfumato.text.tokenizer import CLIPTokenizer
+from sfumato.training.task import BatchRandom
+
+DEFAULT_PROMPTS = ("a red circle", "a blue square", "a photo of a cat", "")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare network inside DDP / AveragedModel wrappers (both keep it as `.module`)."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+def init_seeded(make, seed: int):
+    """Build a module with the global RNG seeded by `seed`, leaving the caller's RNG state untouched, so
+    every process (and every rerun) starts from the same weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return make()
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    return module.eval().requires_grad_(False)
+
+
+def check_dropout(p: float) -> None:
+    if not 0 <= p <= 1:
+        raise ValueError(f"caption_dropout must be a probability in [0, 1] (SD used 0.1), got {p}")
+
+
+def dropped(rng: BatchRandom, p: float) -> torch.Tensor:
+    """(B,) bool, True where example i's caption is replaced by "" (one uniform draw per example)."""
+    return rng.rand() < p  # u in [0, 1): p = 0 drops none, p = 1 drops all
+
+
+class TextContexts:
+    """Frozen text encoder + tokenizer: captions -> contexts (B, T, D), with "" for dropped captions.
+
+    A dropped row is exactly the context of the empty prompt (computed once), which is also what the
+    pipeline feeds the unconditional half of classifier-free guidance."""
+
+    def __init__(self, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer):
+        self.text_encoder = freeze(text_encoder)
+        self.tokenizer = tokenizer
+        self._empty: torch.Tensor | None = None
+
+    @property
+    def width(self) -> int:
+        return self.text_encoder.config.width
+
+    def to(self, device: torch.device) -> None:
+        """Move the encoder to `device` (a no-op when it is there already)."""
+        if next(self.text_encoder.parameters()).device != device:
+            self.text_encoder.to(device)
+
+    @torch.no_grad()
+    def encode(self, captions: Sequence[str], device: torch.device) -> torch.Tensor:
+        ids = self.tokenizer(list(captions)).to(device)  # (B, T)
+        return self.text_encoder(ids).last_hidden_state.float()  # (B, T, D)
+
+    def empty(self, device: torch.device) -> torch.Tensor:
+        """(1, T, D) context of the empty prompt."""
+        if self._empty is None or self._empty.device != device:
+            self._empty = self.encode([""], device)
+        return self._empty
+
+    def contexts(
+        self,
+        captions: Sequence[str],
+        drop: torch.Tensor,
+        device: torch.device,
+        cached: torch.Tensor | None = None,
+        cached_captions: Sequence[str] | None = None,
+    ) -> torch.Tensor:
+        """Contexts of `captions` (B, T, D); rows with drop[i] get the empty prompt's. With `cached` contexts,
+        only captions that differ from `cached_captions` are encoded."""
+        empty = self.empty(device)
+        out = empty.expand(len(captions), -1, -1).clone()  # (1, T, D) -> (B, T, D)
+        if cached is not None:
+            same = torch.tensor([c == k for c, k in zip(captions, cached_captions)], dtype=torch.bool)
+            use = ~drop & same
+            out[use.to(device)] = cached.to(device)[use.to(device)]
+            todo = [i for i in range(len(captions)) if not drop[i] and not same[i]]
+        else:
+            todo = [i for i in range(len(captions)) if not drop[i]]
+        if todo:
+            out[todo] = self.encode([captions[i] for i in todo], device)
+        return out
+
+
+def check_size(H: int, W: int, factor: int, what: str) -> None:
+    if H % factor or W % factor:
+        raise ValueError(
+            f"{what}: images of {W}x{H} px do not divide into the U-Net's levels (multiples of {factor} px "
+            f"needed); resize the dataset to e.g. {max(factor, W // factor * factor)} px"
+        )
+
+
+def t_quartile_metrics(per_example: torch.Tensor, t: torch.Tensor, T: int) -> dict[str, float]:
+    """loss_q0 .. loss_q3: mean loss of the examples whose t lies in each quarter of [0, T) (only the
+    quarters present in this batch), to see which noise levels the model has not learnt yet."""
+    q = (t.cpu() * 4) // T  # (B,) in 0..3
+    per = per_example.detach().float().cpu()
+    return {f"loss_q{k}": float(per[q == k].mean()) for k in range(4) if bool((q == k).any())}
+
+
+def image_grid(rows: list[list[Image.Image]], labels: Sequence[str] | None = None, tile: int = 128) -> Image.Image:
+    """Rows of images as one picture; each tile upscaled (nearest) to at least `tile` px so that 32 px
+    samples stay visible; labels[r] (the prompt) written under row r."""
+    w0, h0 = rows[0][0].size
+    scale = max(1, -(-tile // max(w0, h0)))
+    w, h = w0 * scale, h0 * scale
+    label_h = 14 if labels is not None else 0
+    cols = max(len(r) for r in rows)
+    grid = Image.new("RGB", (cols * w, len(rows) * (h + label_h)), "white")
+    draw, font = ImageDraw.Draw(grid), ImageFont.load_default()
+    for r, row in enumerate(rows):
+        y = r * (h + label_h)
+        for c, im in enumerate(row):
+            grid.paste(im.convert("RGB").resize((w, h), Image.Resampling.NEAREST), (c * w, y))
+        if labels is not None:
+            text = labels[r] or '"" (unconditional)'
+            max_chars = max(4, cols * w // 6)
+            draw.text((3, y + h + 1), text if len(text) <= max_chars else text[: max_chars - 1] + "…",
+                      fill="black", font=font)  # fmt: skip
+    return grid
+
+
+class LDMTask:
+    """Text-to-image latent diffusion: a U-Net trained on frozen-VAE latents with frozen CLIP text contexts.
+
+    unet_config: the U-Net to train from scratch (initialised from `seed`), or None with `unet=` to fine-tune
+        existing weights (`LDMTask.from_bundle`).
+    schedule: the training noise schedule and prediction type ("eps" or "v"); its `image_size`, when None,
+        is taken from the training images and written into the exported bundle.
+    caption_dropout: probability that a caption is replaced by "" (classifier-free guidance; SD used 0.1).
+    min_snr_gamma: Min-SNR-γ loss weighting (Hang et al. 2023; 5 is their choice), or None for L_simple.
+    cache: a `LatentCache` of this dataset under this VAE and text encoder (`build_latent_cache`).
+    preview_*: the sample grid of `preview`: prompts x seeds, sampler, steps and guidance scale.
+    """
+
+    name = "ldm"
+
+    def __init__(
+        self,
+        unet_config: UNetConfig | None,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        schedule: ScheduleConfig,
+        *,
+        caption_dropout: float = 0.1,
+        min_snr_gamma: float | None = None,
+        seed: int = 0,
+        preview_prompts: Sequence[str] = DEFAULT_PROMPTS,
+        preview_seeds: Sequence[int] = (0, 1, 2, 3),
+        preview_sampler: str = "dpmpp_2m",
+        preview_steps: int = 20,
+        preview_guidance: float = 5.0,
+        cache: LatentCache | None = None,
+        unet: UNet | None = None,
+    ):
+        if unet is None:
+            if unet_config is None:
+                raise ValueError("give a unet_config to train from scratch, or unet= weights to fine-tune")
+            unet = init_seeded(lambda: UNet(unet_config), seed)
+        elif unet_config is not None and unet_config != unet.config:
+            raise ValueError(f"unet_config {unet_config} differs from the given unet's {unet.config}")
+        c, z = unet.config, vae.config.z_channels
+        if c.in_channels != z or c.out_channels != z:
+            raise ValueError(
+                f"the U-Net maps {c.in_channels} -> {c.out_channels} channels but the VAE's latents have {z}; "
+                f"set UNetConfig(in_channels={z}, out_channels={z})"
+            )
+        if c.context_dim != text_encoder.config.width:
+            raise ValueError(
+                f"UNetConfig.context_dim={c.context_dim} but the text encoder is {text_encoder.config.width} "
+                f"wide; set context_dim={text_encoder.config.width}"
+            )
+        if min_snr_gamma is not None and min_snr_gamma <= 0:
+            raise ValueError(f"min_snr_gamma must be positive (Hang et al. use 5) or None, got {min_snr_gamma}")
+        check_dropout(caption_dropout)
+        if cache is not None and abs(cache.scaling_factor - vae.config.scaling_factor) > 1e-12:
+            raise ValueError(
+                f"the cache was built with scaling_factor {cache.scaling_factor}, the VAE has "
+                f"{vae.config.scaling_factor}; rebuild the cache for this VAE"
+            )
+        self.unet = unet
+        self.vae = freeze(vae)
+        self.text = TextContexts(text_encoder, tokenizer)
+        self.schedule = schedule
+        self.train_schedule = discrete_schedule(schedule)  # ᾱ_t table for the loss
+        self.caption_dropout = caption_dropout
+        self.min_snr_gamma = min_snr_gamma
+        self.seed = seed
+        self.preview_prompts = list(preview_prompts)
+        self.preview_seeds = list(preview_seeds)
+        self.preview_sampler, self.preview_steps = preview_sampler, preview_steps
+        self.preview_guidance = preview_guidance
+        self.cache = cache
+        self.image_size: tuple[int, int] | None = None  # (H, W) of the training images, once seen
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, **kwargs) -> LDMTask:
+        """Fine-tune a loaded model: its U-Net (copied) is trained, its VAE and text encoder stay frozen."""
+        return cls(None, bundle.vae, bundle.text_encoder, bundle.tokenizer, bundle.schedule,
+                   unet=copy.deepcopy(bundle.unet).train().requires_grad_(True), **kwargs)  # fmt: skip
+
+    # -- Task ---------------------------------------------------------------------------------------------
+
+    def trainable(self) -> nn.Module:
+        return self.unet
+
+    def _to(self, device: torch.device) -> None:
+        """Move the frozen parts to the U-Net's device (once; a no-op afterwards)."""
+        if next(self.vae.parameters()).device != device:
+            self.vae.to(device)
+        self.text.to(device)
+
+    def prepare(self, batch: dict, rng: BatchRandom, device: torch.device) -> dict[str, torch.Tensor]:
+        """The inputs of one loss evaluation: latents z0 (B, z, h, w), context (B, T, D), t (B,), noise
+        (B, z, h, w) and drop (B,) bool, all from `rng` as described in the module docstring."""
+        images, captions, indices = batch["image"], list(batch["caption"]), batch["index"].tolist()
+        B, _, H, W = images.shape
+        f = self.vae.config.downsample_factor
+        check_size(H, W, f * self.unet.config.downsample_factor, "LDMTask")
+        self.image_size = self.image_size or (H, W)
+        latent_shape = (self.vae.config.z_channels, H // f, W // f)
+
+        drop = dropped(rng, self.caption_dropout)  # 1.
+        t = rng.randint(self.train_schedule.num_timesteps)  # 2.
+        posterior_eps = rng.randn(*latent_shape).to(device)  # 3.
+        noise = rng.randn(*latent_shape).to(device)  # 4.
+
+        self._to(device)
+        with torch.no_grad():
+            if self.cache is not None:
+                cached = self.cache.get(indices, device)
+                self.cache.check_images(indices, images, cached.thumb)
+                mean, std = cached.mean, cached.std
+                context = self.text.contexts(captions, drop, device, cached.context, cached.captions)
+            else:
+                posterior = self.vae.encode(images.to(device))
+                mean, std = posterior.mean.float(), posterior.std.float()
+                context = self.text.contexts(captions, drop, device)
+            z0 = (mean + std * posterior_eps) * self.vae.config.scaling_factor
+        return {"z0": z0, "context": context, "t": t, "noise": noise, "drop": drop}
+
+    def loss(
+        self, batch: dict, rng: BatchRandom, step: int, model: nn.Module
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        device = next(model.parameters()).device
+        x = self.prepare(batch, rng, device)
+        # through `model`'s own forward, so that DDP sees the call and synchronises gradients
+        denoiser = DiscreteDenoiser(model, self.train_schedule, self.schedule.prediction)
+        per_example = denoiser.loss(
+            x["z0"], t=x["t"], noise=x["noise"], min_snr_gamma=self.min_snr_gamma, context=x["context"]
+        )  # (B,)
+        loss = per_example.mean()
+        metrics = {"loss": float(loss.detach()), "caption_dropped": float(x["drop"].float().mean())}
+        metrics |= t_quartile_metrics(per_example, x["t"], self.train_schedule.num_timesteps)
+        return loss, metrics
+
+    # -- previews and export ------------------------------------------------------------------------------
+
+    def export_schedule(self) -> ScheduleConfig:
+        """The schedule with `image_size` set (from the training images when the config had none)."""
+        if self.schedule.image_size is not None or self.image_size is None:
+            return self.schedule
+        return replace(self.schedule, image_size=max(self.image_size))
+
+    def bundle(self, model: nn.Module) -> Bundle:
+        """A `Bundle` of `model`'s U-Net (the EMA copy, say) with this task's frozen parts."""
+        unet = unwrap(model)
+        if type(unet) is not UNet:
+            raise TypeError(f"expected the task's UNet (or a wrapper of it), got {type(unet).__name__}")
+        return Bundle(unet=unet, vae=self.vae, text_encoder=self.text.text_encoder,
+                      tokenizer=self.text.tokenizer, schedule=self.export_schedule())  # fmt: skip
+
+    @torch.no_grad()
+    def preview(self, model: nn.Module, step: int, folder) -> list[Path]:
+        """A grid of samples, one row per preview prompt and one column per seed, prompt under each row."""
+        unet = unwrap(model)
+        p = next(unet.parameters())
+        was_training = unet.training
+        self._to(p.device)
+        try:
+            pipe = StableDiffusion(self.bundle(unet), device=p.device, dtype=p.dtype)  # sets eval()
+            H, W = self.image_size or (self.schedule.image_size or 64,) * 2
+            images = pipe.generate(
+                self.preview_prompts, steps=self.preview_steps, guidance=self.preview_guidance,
+                sampler=self.preview_sampler, batch=len(self.preview_seeds),
+                seed=[s for _ in self.preview_prompts for s in self.preview_seeds],
+                width=W, height=H, progress=False,
+            )  # fmt: skip
+        finally:
+            unet.train(was_training)
+        n = len(self.preview_seeds)
+        rows = [images[r * n : (r + 1) * n] for r in range(len(self.preview_prompts))]
+        grid = image_grid(rows, self.preview_prompts)
+        return [save_png(grid, Path(folder) / f"{self.name}-{step:07d}.png")]
+
+    def export(self, model: nn.Module, folder) -> list[Path]:
+        """A bundle folder (`sfumato.load(folder)`, `sfumato generate --model folder`)."""
+        return save_bundle(self.bundle(model), folder)
