@@ -643,6 +643,41 @@ def _classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .training import recipes as R
+
+    out = Path(args.out)
+    if args.task == "pipeline":
+        steps = {t: n for t, n in (("vae", args.vae_steps), ("clip", args.clip_steps), ("ldm", args.ldm_steps)) if n}
+        R.train_pipeline(args.data, out, args.preset, resume=args.resume, steps=steps)
+        return 0
+    r = R.recipe(args.task, args.preset)
+    overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("lr", args.lr),
+                                    ("device", args.device), ("precision", args.precision),
+                                    ("num_workers", args.workers), ("seed", args.seed)) if v is not None}  # fmt: skip
+    r = replace(r, train=replace(r.train, **overrides))
+    if args.image_size:
+        r = replace(r, image_size=args.image_size)
+    kw = dict(resume=args.resume, until=args.until)
+    if args.task == "ldm":
+        src = Path(args.text_from) if args.text_from else None
+        missing = [n for n, v in (("--vae", args.vae), ("--text-from", src)) if v is None]
+        if missing:
+            raise ValueError(
+                f"sfumato train ldm needs {' and '.join(missing)}: a trained VAE (vae.safetensors) and a CLIP run's "
+                "final/ folder (text_encoder.safetensors + tokenizer/); `sfumato train pipeline` does all three"
+            )
+        kw |= dict(vae=args.vae, text_encoder=src / "text_encoder.safetensors", tokenizer=src / "tokenizer")
+    fn = {"vae": R.train_vae, "clip": R.train_clip, "ldm": R.train_ldm, "ddpm": R.train_ddpm}[args.task]
+    result = fn(args.data, out, r, **kw)
+    print(f"step {result.step}: {result.images_per_s:.1f} images/s; checkpoint {result.checkpoint}")
+    for path in result.exported:
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .data.toy import TOY_DATASETS
@@ -687,6 +722,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer", help="tokenizer folder for an SD single file (default: the shipped CLIP vocabulary)"
     )
     conv.set_defaults(func=_convert)
+
+    tr = sub.add_parser(
+        "train",
+        help="train a VAE, CLIP/SigLIP, latent diffusion U-Net or pixel DDPM (or all of text-to-image)",
+        description="Train one component, or `pipeline` = VAE -> CLIP -> latent diffusion into one bundle. "
+        "Runs write checkpoints to OUT/checkpoints and continue exactly with --resume. Under "
+        "`torchrun --nproc_per_node N -m sfumato train ...` the run uses DDP (only rank 0 writes).",
+    )
+    tr.add_argument("task", choices=["vae", "clip", "ldm", "ddpm", "pipeline"])
+    tr.add_argument("--data", default="shapes", help="an image-caption folder, or shapes[:SEED] (built in)")
+    tr.add_argument("--out", required=True, help="run folder (checkpoints, samples, metrics, final model)")
+    tr.add_argument("--preset", default="shapes", help="recipe name: shapes (the shipped model's) or tiny")
+    tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    tr.add_argument("--steps", type=int, help="optimizer steps (default: the recipe's)")
+    tr.add_argument("--until", type=int, help="stop after this step with a checkpoint (resume later)")
+    tr.add_argument("--batch-size", type=int, help="global batch size (default: the recipe's)")
+    tr.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
+    tr.add_argument("--image-size", type=int, help="training image size in pixels (default: the recipe's)")
+    tr.add_argument("--device", help="auto (default), cpu, cuda, cuda:1")
+    tr.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default fp32")
+    tr.add_argument("--workers", type=int, help="DataLoader worker processes")
+    tr.add_argument("--seed", type=int, help="data order and noise seed (default 0)")
+    tr.add_argument("--vae", help="ldm: the trained VAE (vae.safetensors)")
+    tr.add_argument("--text-from", help="ldm: a CLIP run's final/ folder (text_encoder.safetensors, tokenizer/)")
+    tr.add_argument("--vae-steps", type=int, help="pipeline: VAE steps")
+    tr.add_argument("--clip-steps", type=int, help="pipeline: CLIP steps")
+    tr.add_argument("--ldm-steps", type=int, help="pipeline: latent diffusion steps")
+    tr.set_defaults(func=_train, user_errors=True)
 
     from .pipelines.clip import CLIPPipeline
     from .pipelines.stable_diffusion import StableDiffusion

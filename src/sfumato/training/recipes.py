@@ -1,0 +1,281 @@
+"""Named training recipes and the functions behind `sfumato train vae|clip|ldm|ddpm|pipeline`.
+
+A recipe is a plain dataclass: the model config, the `TrainConfig`, the data size and the objective's
+settings. `RECIPES[task][name]`; "tiny" recipes are for tests and smoke runs (seconds), "shapes" is the
+recipe of the model sfumato ships (trained on the built-in `shapes` dataset on 2 CPU cores).
+
+`train_pipeline` runs VAE → CLIP → latent diffusion into one folder:
+
+    OUT/vae/     the autoencoder run (final/vae.safetensors)
+    OUT/clip/    the CLIP run (final/clip.safetensors, final/text_encoder.safetensors, final/tokenizer/)
+    OUT/ldm/     the U-Net run (final/ = the bundle)
+    OUT/model/   the finished bundle, what `sfumato generate --model OUT/model` loads
+
+A stage whose final export exists is skipped; with `resume=True` an interrupted stage continues from its
+newest checkpoint, so an interrupted pipeline loses at most `checkpoint_every` steps.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from sfumato.checkpoints.bundle import ScheduleConfig
+from sfumato.checkpoints.native import load_model
+from sfumato.data import collate, load_dataset
+from sfumato.models.clip import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+from sfumato.models.unet import UNetConfig
+from sfumato.models.vae import VAEConfig
+from sfumato.text.tokenizer import CLIPTokenizer, train_bpe
+from sfumato.training.loop import TrainConfig, TrainResult, latest_checkpoint, train
+from sfumato.training.losses import DiscConfig
+
+
+@dataclass
+class VAERecipe:
+    model: VAEConfig
+    train: TrainConfig
+    image_size: int = 32
+    data_size: int = 20_000  # items of a built-in dataset (ignored for folders)
+    kl_weight: float = 1e-6
+    recon: str = "l1"
+    disc: DiscConfig | None = None
+    disc_start: int = 50_001
+
+
+@dataclass
+class CLIPRecipe:
+    model: CLIPConfig  # text vocab_size / eos_token_id are set from the tokenizer trained on the captions
+    train: TrainConfig
+    image_size: int = 32
+    data_size: int = 20_000
+    loss: str = "softmax"
+    vocab_size: int = 1000  # BPE vocabulary learned from the training captions
+    context_length: int = 32  # token positions (the shapes captions need ~20)
+
+
+@dataclass
+class LDMRecipe:
+    unet: UNetConfig  # context_dim is set from the text encoder
+    train: TrainConfig
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    image_size: int = 32
+    data_size: int = 20_000
+    caption_dropout: float = 0.1
+    min_snr_gamma: float | None = None
+    preview_prompts: tuple[str, ...] = ("a red circle", "a blue square above a green triangle", "")
+
+
+@dataclass
+class DDPMRecipe:
+    unet: UNetConfig
+    train: TrainConfig
+    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig("linear", 1e-4, 0.02, steps_offset=0))
+    image_size: int = 32
+    data_size: int = 20_000
+
+
+def _tiny_train(steps: int, batch: int, lr: float) -> TrainConfig:
+    return TrainConfig(steps=steps, batch_size=batch, lr=lr, warmup_steps=2, log_every=5, preview_every=0,
+                       checkpoint_every=max(1, steps // 2), ema_decay=0.9)  # fmt: skip
+
+
+_SHAPES_TEXT = CLIPTextConfig(context_length=32, width=128, layers=4, heads=4, mlp_width=512,
+                              projection_dim=128)  # fmt: skip
+_TINY_TEXT = CLIPTextConfig(context_length=32, width=32, layers=2, heads=2, mlp_width=64,
+                            projection_dim=32)  # fmt: skip
+
+RECIPES: dict[str, dict] = {
+    "vae": {
+        "tiny": VAERecipe(VAEConfig(ch=32, ch_mult=(1, 1), num_res_blocks=1), _tiny_train(6, 8, 1e-3),
+                          data_size=64),  # fmt: skip
+        # f=2: 32 px shapes -> 16 x 16 x 4 latents
+        "shapes": VAERecipe(
+            VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1),
+            TrainConfig(steps=3000, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.999,
+                        preview_every=500, checkpoint_every=500, log_every=25),  # fmt: skip
+        ),
+    },
+    "clip": {
+        "tiny": CLIPRecipe(
+            CLIPConfig(text=_TINY_TEXT, vision=CLIPVisionConfig(image_size=32, patch_size=8, width=32, layers=2,
+                                                                heads=2, mlp_width=64, projection_dim=32)),
+            _tiny_train(6, 16, 1e-3), data_size=64, vocab_size=600,
+        ),  # fmt: skip
+        "shapes": CLIPRecipe(
+            CLIPConfig(text=_SHAPES_TEXT, vision=CLIPVisionConfig(image_size=32, patch_size=4, width=128, layers=4,
+                                                                  heads=4, mlp_width=512, projection_dim=128)),
+            TrainConfig(steps=3000, batch_size=128, lr=5e-4, warmup_steps=200, weight_decay=0.1, ema_decay=None,
+                        preview_every=500, checkpoint_every=500, log_every=25),
+        ),  # fmt: skip
+    },
+    "ldm": {
+        "tiny": LDMRecipe(
+            UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
+                       num_heads=2, context_dim=32),
+            _tiny_train(6, 8, 1e-3), data_size=64, preview_prompts=("a red circle",),
+        ),  # fmt: skip
+        # 16 x 16 latents: levels 16, 8, 4 with attention at 8 and 4
+        "shapes": LDMRecipe(
+            UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, attention_resolutions=(2, 4),
+                       num_heads=4, context_dim=128),
+            TrainConfig(steps=20_000, batch_size=64, lr=3e-4, warmup_steps=500, ema_decay=0.999,
+                        preview_every=1000, checkpoint_every=500, log_every=50),
+            schedule=ScheduleConfig(prediction="v", timestep_spacing="trailing", steps_offset=0,
+                                    rescale_betas_zero_snr=True),
+            data_size=100_000, min_snr_gamma=5.0,
+        ),  # fmt: skip
+    },
+    "ddpm": {
+        "tiny": DDPMRecipe(
+            UNetConfig(in_channels=3, out_channels=3, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                       attention_resolutions=(2,), num_heads=2, context_dim=32),
+            _tiny_train(6, 8, 1e-3), data_size=64,
+        ),  # fmt: skip
+        "shapes": DDPMRecipe(
+            UNetConfig(in_channels=3, out_channels=3, model_channels=64, channel_mult=(1, 2, 2),
+                       num_res_blocks=2, attention_resolutions=(4,), num_heads=4, context_dim=128),
+            TrainConfig(steps=20_000, batch_size=64, lr=2e-4, warmup_steps=500, preview_every=1000,
+                        checkpoint_every=500, log_every=50),
+        ),  # fmt: skip
+    },
+}
+
+
+def recipe(task: str, name: str):
+    if task not in RECIPES:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(RECIPES)}")
+    if name not in RECIPES[task]:
+        raise ValueError(f"no {task} recipe named {name!r}; choose one of {', '.join(RECIPES[task])}")
+    return RECIPES[task][name]
+
+
+def dataset_for(data: str, image_size: int, size: int, *, holdout: bool = True):
+    """`shapes` (built-in; the default held-out combinations excluded) or an image-caption folder."""
+    if data == "shapes" or data.startswith("shapes:"):
+        from sfumato.data.shapes import DEFAULT_HOLDOUT
+
+        return load_dataset(data, image_size=image_size, size=size, holdout=DEFAULT_HOLDOUT if holdout else None)
+    return load_dataset(data, image_size=image_size)
+
+
+def _preview_batch(dataset, n: int = 8) -> dict:
+    return collate([dataset[i] for i in range(min(n, len(dataset)))])
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _finished(out: Path) -> bool:
+    return (out / "final").is_dir() and any((out / "final").iterdir())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one component each
+
+
+def train_vae(data: str, out: Path, r: VAERecipe, *, resume=False, until=None, progress=None) -> TrainResult:
+    from sfumato.training.vae import VAETask
+
+    ds = dataset_for(data, r.image_size, r.data_size)
+    task = VAETask(r.model, kl_weight=r.kl_weight, recon=r.recon, disc=r.disc, disc_start=r.disc_start,
+                   seed=r.train.seed, preview_batch=_preview_batch(ds))  # fmt: skip
+    return train(task, ds, r.train, out, resume=resume, until=until, progress=progress)
+
+
+def train_clip(data: str, out: Path, r: CLIPRecipe, *, resume=False, until=None, progress=None) -> TrainResult:
+    from sfumato.training.clip import CLIPTask
+
+    ds = dataset_for(data, r.image_size, r.data_size)
+    out.mkdir(parents=True, exist_ok=True)
+    tok_dir = out / "tokenizer"
+    if resume and tok_dir.is_dir():  # the vocabulary the checkpoints were trained with
+        tok = CLIPTokenizer.from_pretrained(tok_dir)
+    else:
+        captions = [ds[i]["caption"] for i in range(min(len(ds), 5000))]
+        tok = train_bpe(captions, r.vocab_size, context_length=r.context_length)
+        tok.save(tok_dir)
+    text = replace(r.model.text, vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_id,
+                   context_length=tok.context_length)  # fmt: skip
+    config = replace(r.model, text=text)
+    task = CLIPTask(config, tok, loss=r.loss, seed=r.train.seed, preview_batch=_preview_batch(ds, 32))
+    return train(task, ds, r.train, out, resume=resume, until=until, progress=progress)
+
+
+def train_ldm(
+    data: str,
+    out: Path,
+    r: LDMRecipe,
+    *,
+    vae: str | Path,
+    text_encoder: str | Path,
+    tokenizer: str | Path,
+    resume=False,
+    until=None,
+    progress=None,
+) -> TrainResult:
+    from sfumato.training.ldm import LDMTask
+
+    ds = dataset_for(data, r.image_size, r.data_size)
+    vae_m = load_model(vae)
+    text_m = load_model(text_encoder)
+    tok = CLIPTokenizer.from_pretrained(tokenizer)
+    unet = replace(r.unet, context_dim=text_m.config.width, in_channels=vae_m.config.z_channels,
+                   out_channels=vae_m.config.z_channels)  # fmt: skip
+    schedule = replace(r.schedule, image_size=r.image_size)
+    task = LDMTask(unet, vae_m, text_m, tok, schedule, caption_dropout=r.caption_dropout,
+                   min_snr_gamma=r.min_snr_gamma, seed=r.train.seed, preview_prompts=r.preview_prompts)  # fmt: skip
+    return train(task, ds, r.train, out, resume=resume, until=until, progress=progress)
+
+
+def train_ddpm(data: str, out: Path, r: DDPMRecipe, *, resume=False, until=None, progress=None) -> TrainResult:
+    from sfumato.training.ddpm import DDPMTask
+
+    ds = dataset_for(data, r.image_size, r.data_size)
+    task = DDPMTask(r.unet, r.schedule, image_size=r.image_size, seed=r.train.seed)
+    return train(task, ds, r.train, out, resume=resume, until=until, progress=progress)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the whole text-to-image model
+
+
+def train_pipeline(data: str, out: str | Path, name: str = "shapes", *, resume: bool = False,
+                   progress: bool | None = None, steps: dict[str, int] | None = None) -> Path:  # fmt: skip
+    """VAE → CLIP → latent diffusion with the recipes called `name`; returns the finished bundle folder.
+
+    steps: optional {"vae": n, "clip": n, "ldm": n} overriding the recipes' step counts.
+    """
+    out = Path(out)
+    steps = steps or {}
+    recipes = {task: recipe(task, name) for task in ("vae", "clip", "ldm")}
+    for task, n in steps.items():
+        recipes[task] = replace(recipes[task], train=replace(recipes[task].train, steps=n))
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise FileExistsError(f"{out} is not empty; pass --resume to continue this pipeline, or another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.json").write_text(json.dumps({"recipe": name, "data": data, "steps": steps}, indent=2) + "\n")
+
+    def stage(task: str, fn, **kw) -> None:
+        folder = out / task
+        if _finished(folder):
+            _say(f"[{task}] done before: {folder / 'final'}")
+            return
+        again = latest_checkpoint(folder) is not None
+        _say(f"[{task}] {'resuming' if again else 'training'} ({recipes[task].train.steps} steps) in {folder}")
+        fn(data, folder, recipes[task], resume=again, progress=progress, **kw)
+
+    stage("vae", train_vae)
+    stage("clip", train_clip)
+    stage("ldm", train_ldm, vae=out / "vae/final/vae.safetensors",
+          text_encoder=out / "clip/final/text_encoder.safetensors", tokenizer=out / "clip/final/tokenizer")  # fmt: skip
+    model = out / "model"
+    if model.exists():
+        shutil.rmtree(model)
+    shutil.copytree(out / "ldm/final", model)
+    _say(f"model: {model}  (sfumato generate --model {model} \"a red circle\")")
+    return model

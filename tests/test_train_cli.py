@@ -1,0 +1,75 @@
+"""`sfumato train`: the recipes end to end on the built-in shapes data (tiny recipes, seconds)."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+import sfumato
+from sfumato.cli import main
+from sfumato.data.shapes import COLORS, SHAPES, ShapesDataset
+from sfumato.pipelines.clip import CLIPPipeline
+from sfumato.text.tokenizer import CLIPTokenizer
+from sfumato.training import recipes as R
+
+
+def test_train_pipeline_writes_a_model_that_generates(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "pipeline", "--preset", "tiny", "--out", str(out)]) == 0
+    for stage in ("vae", "clip", "ldm"):
+        assert (out / stage / "final").is_dir() and (out / stage / "metrics.jsonl").is_file()
+    pipe = sfumato.load(out / "model")
+    image = pipe.generate("a red circle", steps=4, seed=0)[0]
+    assert image.size == (32, 32)
+    # a finished pipeline is not trained again; without --resume an existing folder is refused
+    assert main(["train", "pipeline", "--preset", "tiny", "--out", str(out), "--resume"]) == 0
+    assert "done before" in capsys.readouterr().err
+    assert main(["train", "pipeline", "--preset", "tiny", "--out", str(out)]) == 2
+
+
+def test_train_until_then_resume(tmp_path, capsys):
+    out = tmp_path / "vae"
+    assert main(["train", "vae", "--preset", "tiny", "--out", str(out), "--until", "3"]) == 0
+    assert not (out / "final").exists()
+    assert main(["train", "vae", "--preset", "tiny", "--out", str(out)]) == 2  # exists: needs --resume
+    assert "--resume" in capsys.readouterr().err
+    assert main(["train", "vae", "--preset", "tiny", "--out", str(out), "--resume"]) == 0
+    assert (out / "final/vae.safetensors").is_file()
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 6
+    assert main(["train", "vae", "--preset", "tiny", "--out", str(tmp_path / "new"), "--resume"]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_train_ldm_needs_its_frozen_parts(tmp_path, capsys):
+    assert main(["train", "ldm", "--preset", "tiny", "--out", str(tmp_path / "ldm")]) == 2
+    assert "--vae and --text-from" in capsys.readouterr().err
+    assert main(["train", "vae", "--preset", "nope", "--out", str(tmp_path / "x")]) == 2
+    assert "choose one of tiny, shapes" in capsys.readouterr().err
+
+
+def test_short_clip_run_on_shapes_classifies_colors_zero_shot(tmp_path):
+    """150 steps of the tiny CLIP on 2,000 shapes images; zero-shot colour on 60 unseen single-object images
+    (another dataset seed), prompts ensembled over the shape names. Chance is 1/6."""
+    r = R.recipe("clip", "tiny")
+    r = replace(r, data_size=2000, train=replace(r.train, steps=150, batch_size=32, lr=2e-3))
+    R.train_clip("shapes", tmp_path, r, progress=False)
+    clip = CLIPPipeline.from_pretrained(
+        tmp_path / "final/clip.safetensors", tokenizer=CLIPTokenizer.from_pretrained(tmp_path / "final/tokenizer")
+    )
+    held_out = ShapesDataset(400, image_size=32, seed=123, max_objects=1)
+    items = [held_out.image(i) for i in range(60)]
+    truth = [held_out.attributes(i)["objects"][0]["color"] for i in range(60)]
+    colors = list(COLORS)
+    templates = [f"a {{}} {shape}" for shape in SHAPES]
+    results = clip.classify(items, colors, templates=templates)
+    accuracy = float(np.mean([res.top == t for res, t in zip(results, truth)]))
+    print(f"\nzero-shot colour accuracy on unseen shapes: {accuracy:.2f} (chance {1 / len(colors):.2f})")
+    assert accuracy >= 0.5
+
+
+@pytest.mark.parametrize("task", ["vae", "clip", "ldm", "ddpm"])
+def test_every_recipe_is_valid(task):
+    for name in R.RECIPES[task]:
+        assert R.recipe(task, name).train.steps >= 1
