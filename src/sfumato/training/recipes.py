@@ -66,6 +66,7 @@ class LDMRecipe:
     data_size: int = 20_000
     caption_dropout: float = 0.1
     min_snr_gamma: float | None = None
+    cache: bool = False  # encode every image and caption once (data.cache) instead of every step
     preview_prompts: tuple[str, ...] = ("a red circle", "a blue square above a green triangle", "")
 
 
@@ -95,8 +96,8 @@ RECIPES: dict[str, dict] = {
         # f=2: 32 px shapes -> 16 x 16 x 4 latents
         "shapes": VAERecipe(
             VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1),
-            TrainConfig(steps=3000, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.999,
-                        preview_every=500, checkpoint_every=500, log_every=25),  # fmt: skip
+            TrainConfig(steps=1200, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.999,
+                        preview_every=300, checkpoint_every=200, log_every=25),  # fmt: skip
         ),
     },
     "clip": {
@@ -108,8 +109,8 @@ RECIPES: dict[str, dict] = {
         "shapes": CLIPRecipe(
             CLIPConfig(text=_SHAPES_TEXT, vision=CLIPVisionConfig(image_size=32, patch_size=4, width=128, layers=4,
                                                                   heads=4, mlp_width=512, projection_dim=128)),
-            TrainConfig(steps=3000, batch_size=128, lr=5e-4, warmup_steps=200, weight_decay=0.1, ema_decay=None,
-                        preview_every=500, checkpoint_every=500, log_every=25),
+            TrainConfig(steps=1500, batch_size=64, lr=5e-4, warmup_steps=100, weight_decay=0.1, ema_decay=None,
+                        preview_every=500, checkpoint_every=250, log_every=25),
         ),  # fmt: skip
     },
     "ldm": {
@@ -122,11 +123,11 @@ RECIPES: dict[str, dict] = {
         "shapes": LDMRecipe(
             UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, attention_resolutions=(2, 4),
                        num_heads=4, context_dim=128),
-            TrainConfig(steps=20_000, batch_size=64, lr=3e-4, warmup_steps=500, ema_decay=0.999,
-                        preview_every=1000, checkpoint_every=500, log_every=50),
+            TrainConfig(steps=2500, batch_size=64, lr=3e-4, warmup_steps=200, ema_decay=0.999,
+                        preview_every=500, checkpoint_every=250, log_every=25),
             schedule=ScheduleConfig(prediction="v", timestep_spacing="trailing", steps_offset=0,
                                     rescale_betas_zero_snr=True),
-            data_size=100_000, min_snr_gamma=5.0,
+            data_size=30_000, min_snr_gamma=5.0, cache=True,
         ),  # fmt: skip
     },
     "ddpm": {
@@ -227,7 +228,12 @@ def train_ldm(
     unet = replace(r.unet, context_dim=text_m.config.width, in_channels=vae_m.config.z_channels,
                    out_channels=vae_m.config.z_channels)  # fmt: skip
     schedule = replace(r.schedule, image_size=r.image_size)
-    task = LDMTask(unet, vae_m, text_m, tok, schedule, caption_dropout=r.caption_dropout,
+    cache = None
+    if r.cache:
+        from sfumato.data.cache import build_latent_cache
+
+        cache = build_latent_cache(ds, vae_m, text_m, tok, out / "cache", progress=progress is not False)
+    task = LDMTask(unet, vae_m, text_m, tok, schedule, caption_dropout=r.caption_dropout, cache=cache,
                    min_snr_gamma=r.min_snr_gamma, seed=r.train.seed, preview_prompts=r.preview_prompts)  # fmt: skip
     return train(task, ds, r.train, out, resume=resume, until=until, progress=progress)
 
