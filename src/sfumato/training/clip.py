@@ -97,8 +97,9 @@ class CLIPTask:
     eval_labels: {attribute: class names} for zero-shot evaluation in `preview`, e.g.
         {"color": ["red", "green"], "shape": ["circle", "square"]}; None: the values found in the preview
         batch's "attributes" for "color" and "shape".
-    eval_templates: {attribute: prompt templates with "{}"} (averaged in embedding space); None: prompts in
-        the captions' "a {color} {shape}" style, ensembled over the other attribute's names.
+    eval_templates: {attribute: prompt templates with "{}"} (averaged in embedding space; "a" / "an" made
+        to agree with the word after it); None: prompts in the shapes captions' "a {color} {shape}" style,
+        ensembled over the other attribute's names.
     preview_batch: a batch ("image", "caption", optionally "attributes") for the similarity matrix and the
         zero-shot accuracy of `preview`; may also be assigned later.
     """
@@ -241,7 +242,7 @@ class CLIPTask:
                 keep = [i for i, v in enumerate(truth) if v in names]
                 if not keep:
                     continue
-                classes = pipe.class_embeddings(names, self._templates(attribute, labels))  # (L, D)
+                classes = class_embeddings(pipe, names, self._templates(attribute, labels))  # (L, D)
                 pred = (image[keep] @ classes.t()).argmax(dim=1).tolist()
                 right = [names[p] == truth[i] for p, i in zip(pred, keep)]
                 out[f"zeroshot_{attribute}"] = sum(right) / len(right)
@@ -299,6 +300,24 @@ class CLIPTask:
         self.tokenizer.save(folder / "tokenizer")
         paths.append(folder / "tokenizer")
         return paths
+
+
+def with_articles(text: str) -> str:
+    """"a orange circle" -> "an orange circle": the article before a vowel, as the shapes captions write it."""
+    words = text.split(" ")
+    for i in range(len(words) - 1):
+        if words[i] in ("a", "an") and words[i + 1]:
+            words[i] = "an" if words[i + 1][0] in "aeiou" else "a"
+    return " ".join(words)
+
+
+def class_embeddings(pipe: CLIPPipeline, labels: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+    """`CLIPPipeline.class_embeddings` (normalised mean of the normalised prompt embeddings, Radford et al.
+    2021, sec. 3.1.4) with the article of each filled-in prompt made to agree with the label."""
+    K = len(templates)
+    prompts = [with_articles(t.replace("{}", label)) for label in labels for t in templates]  # label-major
+    embeds = pipe.encode_texts(prompts).view(len(labels), K, -1)  # (L * K, D) -> (L, K, D)
+    return F.normalize(embeds.mean(dim=1), dim=-1)  # (L, D)
 
 
 def _values(attrs: dict, attribute: str) -> set[str]:
