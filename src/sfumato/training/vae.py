@@ -32,7 +32,7 @@ from torch import nn
 from torch.func import functional_call
 
 from sfumato.checkpoints.native import save_model
-from sfumato.models.vae import AutoencoderKL, VAEConfig
+from sfumato.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
 from sfumato.pipelines.images import tensor_to_images
 from sfumato.training.distributed import all_reduce_mean, world
 from sfumato.training.losses import (
@@ -65,6 +65,8 @@ class VAEWithDiscriminator(nn.Module):
         parameters detached), "logits_real" (D on x), "logits_fake_d" (D on x_rec detached)}.
         """
         posterior = self.vae.encode(x)
+        if posterior.mean.dtype != torch.float32:  # under autocast: the KL's sum over latents in float32
+            posterior = DiagonalGaussian(torch.cat([posterior.mean, posterior.logvar], dim=1).float())
         z = posterior.mean + posterior.std * noise  # reparameterisation (Kingma & Welling 2014, eq. (10))
         recon = self.vae.decode(z)
         out = {"recon": recon, "posterior": posterior}
