@@ -22,7 +22,7 @@ def _samples(den, n=3000, seed=1):
     return sample_dpmpp_2m(den, x, sigmas, generator=g)
 
 
-@pytest.mark.parametrize("data", ["swiss-roll", "moons"])
+@pytest.mark.parametrize("data", ["swiss-roll", pytest.param("moons", marks=pytest.mark.slow)])
 def test_trained_toy_model_beats_threshold_and_untrained_does_not(data):
     held_out = toy_data(data, 3000, seed=123)
     den, losses = train_toy(ToyTrainConfig(data=data, steps=1500), progress=False)

@@ -288,6 +288,7 @@ def nearest_colour_distance(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return d.min(1)
 
 
+@pytest.mark.slow  # a training run: minutes on 2 cores
 def test_ddpm_learns_two_colours_and_exports(tmp_path):
     """Unconditional pixel DDPM on 8 px images that are all solid red or solid blue.
 

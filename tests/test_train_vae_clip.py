@@ -276,6 +276,7 @@ def test_two_processes_equal_one_process_on_the_global_batch():
 # VAE task
 
 
+@pytest.mark.slow  # a training run: minutes on 2 cores
 def test_vae_task_learns_to_reconstruct(tmp_path):
     """150 AdamW steps (batch 8, lr 2e-3) on 64 smooth 16x16 images.
 
@@ -411,6 +412,7 @@ def test_clip_pixels_follow_the_pipeline():
     torch.testing.assert_close(task.pixels(torch.zeros(1, 3, 32, 32))[0], ((0.5 - mean) / std).expand(3, 32, 32))
 
 
+@pytest.mark.slow  # a training run: minutes on 2 cores
 def test_clip_task_on_the_shapes_dataset():
     """150 steps of 32 shapes captions ("a small red circle above a blue square"): zero-shot colour with the
     default caption-style prompts ("a/an {colour} {shape}", ensembled over the shapes) on the one-colour
