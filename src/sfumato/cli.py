@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -672,6 +673,8 @@ def _train(args: argparse.Namespace) -> int:
         kw |= dict(vae=args.vae, text_encoder=src / "text_encoder.safetensors", tokenizer=src / "tokenizer")
     fn = {"vae": R.train_vae, "clip": R.train_clip, "ldm": R.train_ldm, "ddpm": R.train_ddpm}[args.task]
     result = fn(args.data, out, r, **kw)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports (and writes)
+        return 0
     print(f"step {result.step}: {result.images_per_s:.1f} images/s; checkpoint {result.checkpoint}")
     for path in result.exported:
         print(path)
