@@ -7,6 +7,7 @@ Pixels are compared as the uint8 images both write: mean |Δ| <= 1/255 and max |
 import numpy as np
 import pytest
 import torch
+from conftest import CAPTIONS, random_weights_
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -30,7 +31,6 @@ import sfumato  # noqa: E402
 from sfumato.pipelines.stable_diffusion import StableDiffusion  # noqa: E402
 from sfumato.text.tokenizer import train_bpe  # noqa: E402
 
-CAPTIONS = ["a photo of a cat", "a painting of a dog riding a horse", "an astronaut on the moon"] * 10
 PROMPT, NEGATIVE = "a painting of a cat riding a horse", "a photo of a dog"
 SIZE = 32  # pixels; the tiny VAE halves once, so latents are 16 x 16
 MEAN_TOL, MAX_TOL = 1 / 255, 4 / 255
@@ -46,21 +46,6 @@ SCHEDULERS = {
     ("dpmpp_2m", False): (DPMSolverMultistepScheduler, {}),
     ("dpmpp_2m", True): (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
 }
-
-
-def randomize_(model: torch.nn.Module, seed: int, scale: float = 0.6) -> torch.nn.Module:
-    """Random weights everywhere (diffusers zero-inits some outputs and leaves norms at 1)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.2 * noise)
-            elif p.ndim >= 2:
-                p.copy_(scale * noise / p[0].numel() ** 0.5)
-            else:
-                p.copy_(0.1 * noise)
-    return model.eval()
 
 
 def tiny_components(tmp_path, in_channels: int = 4):
@@ -97,9 +82,9 @@ def tiny_components(tmp_path, in_channels: int = 4):
             pad_token_id=tok.pad_token_id,
         )
     )
-    randomize_(unet, 0, scale=0.5)
-    randomize_(vae, 1)
-    randomize_(text, 2)
+    random_weights_(unet, 0, scale=0.5)
+    random_weights_(vae, 1)
+    random_weights_(text, 2)
     scheduler = DDIMScheduler(
         beta_schedule="scaled_linear",
         beta_start=0.00085,

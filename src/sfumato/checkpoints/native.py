@@ -66,7 +66,7 @@ def save_model(model: nn.Module, path: str | Path, *, extra: dict[str, str] | No
     kind = kind_of(model)
     metadata = {"sfumato": __version__, "kind": kind, "config": json.dumps(asdict(model.config))}
     metadata |= extra or {}
-    state = _unshared({k: v.detach() for k, v in model.state_dict().items()})
+    state = unshare_storage({k: v.detach() for k, v in model.state_dict().items()})
     save_tensors(state, path, metadata)
     return path
 
@@ -85,7 +85,7 @@ def save_tensors(state: dict[str, torch.Tensor], path: str | Path, metadata: dic
         raise
 
 
-def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def unshare_storage(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """safetensors refuses tensors that share storage; give every repeat its own copy."""
     seen: set[tuple[int, int]] = set()
     out = {}

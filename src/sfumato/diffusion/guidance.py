@@ -41,3 +41,9 @@ def classifier_free_guidance(
         return d_uncond + scale * (d_cond - d_uncond)
 
     return guided
+
+
+def static_thresholding(denoiser: Denoiser, limit: float = 1.0) -> Denoiser:
+    """The denoiser whose x0 predictions are clamped to [-limit, limit], the data range (Ho et al. 2020
+    clip the predicted x0 to [-1, 1] when sampling pixels; Saharia et al. 2022 call it static thresholding)."""
+    return lambda x, sigma, **cond: denoiser(x, sigma, **cond).clamp(-limit, limit)

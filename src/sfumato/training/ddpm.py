@@ -28,7 +28,7 @@ from torch import nn
 from sfumato.checkpoints.bundle import ScheduleConfig
 from sfumato.checkpoints.native import load_model, save_model
 from sfumato.diffusion.denoisers import DiscreteDenoiser
-from sfumato.diffusion.guidance import classifier_free_guidance
+from sfumato.diffusion.guidance import classifier_free_guidance, static_thresholding
 from sfumato.diffusion.samplers import SAMPLERS
 from sfumato.models.clip import CLIPTextModel
 from sfumato.models.unet import UNet, UNetConfig
@@ -58,12 +58,6 @@ DDPM_SCHEDULE = ScheduleConfig(
 def zero_context(batch: int, context_dim: int, device=None) -> torch.Tensor:
     """(B, 1, context_dim) zeros: the context of an unconditional model (see the module docstring)."""
     return torch.zeros(batch, 1, context_dim, device=device)
-
-
-def clamped(denoiser):
-    """The denoiser whose x0 predictions are clamped to the data range [-1, 1] (static thresholding).
-    TODO(guidance): belongs beside classifier-free guidance in sfumato.diffusion.guidance."""
-    return lambda x, sigma, **cond: denoiser(x, sigma, **cond).clamp(-1, 1)
 
 
 @torch.no_grad()
@@ -107,7 +101,7 @@ def sample_images(
     uncond = {"context": uncond_context.to(p.device, p.dtype)} if guidance != 1 else {}
     guided = classifier_free_guidance(denoiser, guidance, cond, uncond)
     if clip_denoised:
-        guided = clamped(guided)
+        guided = static_thresholding(guided)
     x0 = SAMPLERS[sampler](guided, x, plan.sigmas, generator=gens)
     return x0.float().clamp(-1, 1)
 

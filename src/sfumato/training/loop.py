@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from sfumato.checkpoints.native import unshare_storage
 from sfumato.data import collate
 from sfumato.training.task import BatchRandom, Task, example_seed
 
@@ -218,14 +219,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    # safetensors refuses shared storage; clone what is shared (tied weights) and make every tensor contiguous
-    out, seen = {}, set()
-    for k, v in module.state_dict().items():
-        ptr = (v.untyped_storage().data_ptr(), v.storage_offset()) if v.numel() else None
-        out[k] = v.detach().clone().contiguous() if ptr in seen else v.detach().contiguous()
-        if ptr is not None:
-            seen.add(ptr)
-    return {k: v.cpu() for k, v in out.items()}
+    """The module's tensors as safetensors takes them: own storage (tied weights copied), contiguous, CPU."""
+    state = unshare_storage({k: v.detach() for k, v in module.state_dict().items()})
+    return {k: v.contiguous().cpu() for k, v in state.items()}
 
 
 def _rng_state() -> dict[str, torch.Tensor]:
