@@ -171,11 +171,13 @@ _INPAINT = tuple(n for n in _IMG2IMG if n not in ("width", "height"))  # inpaint
 
 
 def default_model(task: str = "text-to-image") -> str:
-    """The model used when --model is not given. None is shipped yet; when one is, return its path here."""
-    what = "a sfumato bundle, a diffusers folder or an SD .safetensors file"
-    if task == "classification":
-        what = "a CLIP model: a transformers folder, an OpenAI / open_clip state dict or a native file"
-    raise ValueError(f"no {task} model is shipped with sfumato yet; pass --model PATH ({what})")
+    """The model used when --model is not given: the one shipped inside the package."""
+    from sfumato.pipelines import default_model as shipped
+
+    try:
+        return str(shipped(task))
+    except FileNotFoundError as e:
+        raise ValueError(str(e)) from None
 
 
 def _api_defaults(method) -> dict:

@@ -6,6 +6,27 @@ from pathlib import Path
 
 import torch
 
+# The model sfumato ships (`sfumato train pipeline --preset shapes`, see README "The shipped model"): a
+# bundle folder inside the package, plus the full CLIP (both towers) it was trained with for classification.
+SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "shapes"
+SHIPPED_CLIP = SHIPPED_MODEL / "clip.safetensors"
+
+
+def default_model(task: str = "text-to-image") -> Path:
+    """The shipped model's path for `task` ("text-to-image" or "classification"), or an error saying what to pass."""
+    path = SHIPPED_CLIP if task == "classification" else SHIPPED_MODEL
+    if task not in ("text-to-image", "classification"):
+        raise ValueError(f"unknown task {task!r}; choose 'text-to-image' or 'classification'")
+    if path.exists():
+        return path
+    what = "a sfumato bundle, a diffusers folder or an SD .safetensors file"
+    if task == "classification":
+        what = "a CLIP model: a transformers folder, an OpenAI / open_clip state dict or a native file"
+    raise FileNotFoundError(
+        f"the shipped {task} model is missing from this installation ({path}); reinstall sfumato, or pass "
+        f"--model PATH ({what})"
+    )
+
 
 def load(
     path: str | Path,

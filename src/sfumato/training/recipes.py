@@ -119,11 +119,12 @@ RECIPES: dict[str, dict] = {
                        num_heads=2, context_dim=32),
             _tiny_train(6, 8, 1e-3), data_size=64, preview_prompts=("a red circle",),
         ),  # fmt: skip
-        # 16 x 16 latents: levels 16, 8, 4 with attention at 8 and 4
+        # 16 x 16 latents: levels 16, 8, 4 with attention at 8 and 4. One ResNet block per level (6.7M
+        # parameters) trains at ~62 img/s on 2 cores against ~36 with two: more steps beat more depth here.
         "shapes": LDMRecipe(
-            UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, attention_resolutions=(2, 4),
+            UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(2, 4),
                        num_heads=4, context_dim=128),
-            TrainConfig(steps=2500, batch_size=64, lr=3e-4, warmup_steps=200, ema_decay=0.999,
+            TrainConfig(steps=3600, batch_size=64, lr=4e-4, warmup_steps=200, ema_decay=0.999,
                         preview_every=500, checkpoint_every=250, log_every=25),
             schedule=ScheduleConfig(prediction="v", timestep_spacing="trailing", steps_offset=0,
                                     rescale_betas_zero_snr=True),
