@@ -20,6 +20,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import torch
+
 from sfumato.checkpoints.native import load_model, save_model
 from sfumato.models.clip import CLIPTextModel
 from sfumato.models.unet import UNet
@@ -123,14 +125,17 @@ def is_bundle(path: str | Path) -> bool:
     return p.is_dir() and all((p / name).is_file() for name in BUNDLE_FILES)
 
 
-def save_bundle(bundle: Bundle, directory: str | Path) -> list[Path]:
-    """Write `bundle` as a folder of native files; returns the paths written."""
+def save_bundle(bundle: Bundle, directory: str | Path, *, dtype: torch.dtype | None = None) -> list[Path]:
+    """Write `bundle` as a folder of native files; returns the paths written.
+
+    dtype: store the weights in this dtype (torch.float16 halves the folder; see `save_model`).
+    """
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     written = [
-        save_model(bundle.unet, d / "unet.safetensors"),
-        save_model(bundle.vae, d / "vae.safetensors"),
-        save_model(bundle.text_encoder, d / "text_encoder.safetensors"),
+        save_model(bundle.unet, d / "unet.safetensors", dtype=dtype),
+        save_model(bundle.vae, d / "vae.safetensors", dtype=dtype),
+        save_model(bundle.text_encoder, d / "text_encoder.safetensors", dtype=dtype),
     ]
     bundle.tokenizer.save(d / "tokenizer")
     (d / "schedule.json").write_text(json.dumps(asdict(bundle.schedule), indent=2) + "\n")

@@ -57,16 +57,23 @@ def kind_of(model: nn.Module) -> str:
     )
 
 
-def save_model(model: nn.Module, path: str | Path, *, extra: dict[str, str] | None = None) -> Path:
+def save_model(
+    model: nn.Module, path: str | Path, *, extra: dict[str, str] | None = None, dtype: torch.dtype | None = None
+) -> Path:
     """Write `model`'s weights and config to `path` (a `.safetensors` file), atomically.
 
     extra: more metadata strings to store beside sfumato/kind/config (e.g. a training step).
+    dtype: store floating-point weights in this dtype (e.g. torch.float16 halves the file); loading casts
+        them back to whatever dtype the caller asks for.
     """
     path = Path(path)
     kind = kind_of(model)
     metadata = {"sfumato": __version__, "kind": kind, "config": json.dumps(asdict(model.config))}
     metadata |= extra or {}
-    state = unshare_storage({k: v.detach() for k, v in model.state_dict().items()})
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    state = unshare_storage(state)
     save_tensors(state, path, metadata)
     return path
 

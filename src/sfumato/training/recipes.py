@@ -9,7 +9,8 @@ recipe of the model sfumato ships (trained on the built-in `shapes` dataset on 2
     OUT/vae/     the autoencoder run (final/vae.safetensors)
     OUT/clip/    the CLIP run (final/clip.safetensors, final/text_encoder.safetensors, final/tokenizer/)
     OUT/ldm/     the U-Net run (final/ = the bundle)
-    OUT/model/   the finished bundle, what `sfumato generate --model OUT/model` loads
+    OUT/model/   the finished bundle, what `sfumato generate --model OUT/model` loads, with the full CLIP
+                 (clip.safetensors, both towers) beside it
 
 A stage whose final export exists is skipped; with `resume=True` an interrupted stage continues from its
 newest checkpoint, so an interrupted pipeline loses at most `checkpoint_every` steps.
@@ -284,5 +285,26 @@ def train_pipeline(data: str, out: str | Path, name: str = "shapes", *, resume: 
     if model.exists():
         shutil.rmtree(model)
     shutil.copytree(out / "ldm/final", model)
+    # the full CLIP (both towers) beside the bundle: `sfumato classify` and `sfumato eval shapes` use it
+    shutil.copy2(out / "clip/final/clip.safetensors", model / "clip.safetensors")
     _say(f"model: {model}  (sfumato generate --model {model} \"a red circle\")")
     return model
+
+
+def export_model(src: str | Path, dst: str | Path, *, dtype=None) -> Path:
+    """Copy the bundle folder `src` (e.g. OUT/model) to `dst`, with the weights stored in `dtype`.
+
+    This is how the shipped model is made: `export_model("runs/shapes/model", "src/sfumato/assets/shapes",
+    dtype=torch.float16)` halves the files (the pipelines compute in float32 whatever the files hold).
+    """
+    from sfumato.checkpoints.bundle import load_bundle, save_bundle
+    from sfumato.checkpoints.native import save_model
+
+    src, dst = Path(src), Path(dst)
+    bundle = load_bundle(src)
+    if dst.exists():
+        shutil.rmtree(dst)
+    save_bundle(bundle, dst, dtype=dtype)
+    if (src / "clip.safetensors").is_file():
+        save_model(load_model(src / "clip.safetensors"), dst / "clip.safetensors", dtype=dtype)
+    return dst

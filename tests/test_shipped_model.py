@@ -1,0 +1,70 @@
+"""The shipped model: exporting a bundle at half precision, and the bundle inside the package."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import sfumato
+from sfumato.checkpoints.native import read_safetensors
+from sfumato.pipelines import SHIPPED_CLIP, SHIPPED_MODEL, default_model
+from sfumato.training.recipes import export_model
+
+
+def _np(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.float64) / 255
+
+
+def test_export_model_fp16_halves_the_files_and_keeps_the_images(tiny_bundle_path, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_bundle_path, src)
+    dst = export_model(src, tmp_path / "half", dtype=torch.float16)
+
+    for name in ("unet", "vae", "text_encoder"):
+        state = read_safetensors(dst / f"{name}.safetensors")
+        assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point()), name
+        full = (src / f"{name}.safetensors").stat().st_size
+        half = (dst / f"{name}.safetensors").stat().st_size
+        assert half < 0.55 * full, (name, half, full)
+
+    a = np.asarray(sfumato.load(src).generate("a photo of a cat", steps=4, seed=3)[0], dtype=np.int16)
+    pipe = sfumato.load(dst)
+    assert next(pipe.unet.parameters()).dtype == torch.float32  # computed in float32 whatever the file holds
+    b = np.asarray(pipe.generate("a photo of a cat", steps=4, seed=3)[0], dtype=np.int16)
+    # rounding the weights to fp16 (relative error 2^-11) moves the 8-bit image by at most one level
+    assert np.abs(a - b).max() <= 1
+
+
+def test_export_model_refuses_a_folder_that_is_not_a_bundle(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a sfumato bundle"):
+        export_model(tmp_path, tmp_path / "out")
+
+
+shipped = pytest.mark.skipif(not SHIPPED_MODEL.is_dir(), reason="no model in src/sfumato/assets/shapes")
+
+
+@shipped
+def test_the_shipped_model_is_the_default_and_small():
+    assert default_model() == SHIPPED_MODEL
+    assert default_model("classification") == SHIPPED_CLIP
+    size = sum(p.stat().st_size for p in SHIPPED_MODEL.rglob("*") if p.is_file())
+    assert size <= 40e6, f"the shipped model is {size / 1e6:.1f} MB; the budget is 40 MB"
+
+
+@shipped
+def test_the_shipped_model_draws_the_colour_it_is_asked_for():
+    """Two prompts that differ only in colour: the pixels of each image that are far from the background
+    must be nearest, on average, to the colour its prompt names."""
+    from sfumato.data.shapes import BACKGROUND, COLORS
+
+    pipe = sfumato.load(default_model())
+    for colour in ("red", "blue"):
+        image = _np(pipe.generate(f"a large {colour} circle", steps=20, seed=0)[0])  # (H, W, 3)
+        pixels = image.reshape(-1, 3) * 255
+        ink = pixels[np.linalg.norm(pixels - np.array(BACKGROUND), axis=1) > 60]
+        assert len(ink) > 20, f"{colour}: almost nothing drawn"
+        names = list(COLORS)
+        dist = np.linalg.norm(ink[:, None, :] - np.array([COLORS[n] for n in names])[None], axis=2)
+        votes = np.bincount(dist.argmin(1), minlength=len(names))
+        assert names[votes.argmax()] == colour, dict(zip(names, votes.tolist()))
