@@ -1,0 +1,5 @@
+import sys
+
+from sfumato.server.main import main
+
+sys.exit(main())
