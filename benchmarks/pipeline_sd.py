@@ -32,12 +32,19 @@ TINY_UNET = dict(block_out_channels=[64, 128, 256], cross_attention_dim=256, att
                  up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"], layers_per_block=2)  # fmt: skip
 TINY_VAE = dict(block_out_channels=[32, 64, 128, 128], down_block_types=["DownEncoderBlock2D"] * 4,
                 up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4)  # fmt: skip
-TINY_TEXT = VIT_L_TEXT | dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4)
+TINY_TEXT = VIT_L_TEXT | dict(
+    hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4
+)
 
 
 def build_reference(folder: Path, quick: bool):
     import transformers
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DPMSolverMultistepScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
 
     from sfumato.text.tokenizer import CLIPTokenizer
 
@@ -45,7 +52,9 @@ def build_reference(folder: Path, quick: bool):
     torch.manual_seed(0)
     unet = _bench.randomize_(UNet2DConditionModel(**(TINY_UNET if quick else SD15_UNET)), 1)
     vae = _bench.randomize_(AutoencoderKL(**(TINY_VAE if quick else SD_VAE)), 2)
-    text = _bench.randomize_(transformers.CLIPTextModel(transformers.CLIPTextConfig(**(TINY_TEXT if quick else VIT_L_TEXT))), 3)
+    text = _bench.randomize_(
+        transformers.CLIPTextModel(transformers.CLIPTextConfig(**(TINY_TEXT if quick else VIT_L_TEXT))), 3
+    )
     # stable-diffusion-v1-5 scheduler_config.json, with Karras σ
     scheduler = DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                             steps_offset=1, timestep_spacing="leading", use_karras_sigmas=True)  # fmt: skip
@@ -76,7 +85,9 @@ def child(impl: str, folder: str, size: int, steps: int) -> None:
     else:
         from diffusers import StableDiffusionPipeline
 
-        pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+        pipe = StableDiffusionPipeline.from_pretrained(
+            folder, safety_checker=None, requires_safety_checker=False
+        )
         pipe.set_progress_bar_config(disable=True)
         run_reference(pipe, size, steps)
     _bench.child_report(base)

@@ -38,9 +38,40 @@ MNIST_UNET = dict(
 CASES = {"mnist": (MNIST_UNET, 28, 1), "shipped": (None, 16, 32)}
 
 
+def setup(ours, ref, cfg, side: int, tokens: int, batch: int):
+    """One training step of each implementation on the same fixed batch, their loss logs, GFLOP of a step."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, cfg.in_channels, side, side, generator=g)
+    ctx = torch.randn(batch, tokens, cfg.context_dim, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g).float()
+    target = torch.randn(x.shape, generator=g)
+
+    def stepper(model, forward):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        losses = []
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss = F.mse_loss(forward(model), target)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+
+        return step, losses
+
+    step_ours, loss_ours = stepper(ours, lambda m: m(x, t, ctx))
+    step_ref, loss_ref = stepper(ref, lambda m: m(x, t, ctx).sample)
+    ref.set_attn_processor(AttnProcessor())
+    gflop = _bench.count_gflops(lambda: F.mse_loss(ref(x, t, ctx).sample, target).backward())
+    ref.zero_grad(set_to_none=True)
+    ref.set_attn_processor(AttnProcessor2_0())
+    return step_ours, step_ref, loss_ours, loss_ref, gflop
+
+
 def main() -> None:
     from diffusers import UNet2DConditionModel
-    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     from sfumato.checkpoints.keymaps import unet_config_from_diffusers, unet_from_diffusers
     from sfumato.models.unet import UNet
@@ -55,7 +86,9 @@ def main() -> None:
 
     print(_bench.machine())
     mm = _bench.matmul_gflops(2048 if args.quick else 4096)
-    print(f"float32 matmul rate: {mm:.0f} GFLOP/s; times are medians of {repeat} alternating steps, batch {batch}")
+    print(
+        f"float32 matmul rate: {mm:.0f} GFLOP/s; times are medians of {repeat} alternating steps, batch {batch}"
+    )
     print(_bench.HEADER)
     for name in args.cases.split(","):
         config, side, tokens = CASES[name]
@@ -66,33 +99,7 @@ def main() -> None:
         ours = UNet(cfg).train()
         ours.load_state_dict(unet_from_diffusers(ref.state_dict(), cfg), strict=True)
 
-        g = torch.Generator().manual_seed(1)
-        x = torch.randn(batch, cfg.in_channels, side, side, generator=g)
-        ctx = torch.randn(batch, tokens, cfg.context_dim, generator=g)
-        t = torch.randint(0, 1000, (batch,), generator=g).float()
-        target = torch.randn(x.shape, generator=g)
-
-        def stepper(model, forward):
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-            losses = []
-
-            def step():
-                opt.zero_grad(set_to_none=True)
-                loss = F.mse_loss(forward(model), target)
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
-
-            return step, losses
-
-        step_ours, loss_ours = stepper(ours, lambda m: m(x, t, ctx))
-        step_ref, loss_ref = stepper(ref, lambda m: m(x, t, ctx).sample)
-
-        ref.set_attn_processor(AttnProcessor())
-        gflop = _bench.count_gflops(lambda: F.mse_loss(ref(x, t, ctx).sample, target).backward())
-        ref.zero_grad(set_to_none=True)
-        ref.set_attn_processor(AttnProcessor2_0())
-
+        step_ours, step_ref, loss_ours, loss_ref, gflop = setup(ours, ref, cfg, side, tokens, batch)
         med = _bench.alternate({"ours": step_ours, "ref": step_ref}, repeat, warmup=2)
         loss_diff = max(abs(a - b) for a, b in zip(loss_ours, loss_ref))
         ref_sd = unet_from_diffusers(ref.state_dict(), cfg)
@@ -100,8 +107,10 @@ def main() -> None:
         n = sum(p.numel() for p in ours.parameters()) / 1e6
         print(_bench.row(f"train {name} ({n:.1f}M, {side}², B={batch})", med["ours"], med["ref"], gflop, mm,
                          max(loss_diff, param_diff)), flush=True)  # fmt: skip
-        print(f"    images/s: ours {batch / med['ours']:.1f}, diffusers {batch / med['ref']:.1f} "
-              f"(x{med['ref'] / med['ours']:.2f}); max |Δ loss| {loss_diff:.1e}, max |Δ param| {param_diff:.1e}")
+        print(
+            f"    images/s: ours {batch / med['ours']:.1f}, diffusers {batch / med['ref']:.1f} "
+            f"(x{med['ref'] / med['ours']:.2f}); max |Δ loss| {loss_diff:.1e}, max |Δ param| {param_diff:.1e}"
+        )
 
 
 if __name__ == "__main__":

@@ -94,6 +94,27 @@ def child(impl: str, folder: str, side: int, tokens: int) -> None:
     _bench.child_report(base)
 
 
+def measure(ref, ours, side: int, tokens: int, repeat: int) -> tuple[float, dict[str, float], float]:
+    """GFLOP of one step, median seconds of each implementation, max output difference."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    x, t, ctx = inputs(ours.config.in_channels, side, tokens, ours.config.context_dim)
+    with torch.inference_mode():
+        ref.set_attn_processor(AttnProcessor())  # explicit softmax, which the FLOP counter sees
+        gflop = _bench.count_gflops(lambda: ref(x, t, ctx))
+        ref.set_attn_processor(AttnProcessor2_0())
+        out = {}
+
+        def run_ours():
+            out["ours"] = ours(x, t, ctx)
+
+        def run_ref():
+            out["ref"] = ref(x, t, ctx).sample
+
+        med = _bench.alternate({"ours": run_ours, "ref": run_ref}, repeat)
+    return gflop, med, _bench.max_diff(out["ours"], out["ref"])
+
+
 def main() -> None:
     if "--child" in sys.argv:
         i = sys.argv.index("--child")
@@ -107,8 +128,6 @@ def main() -> None:
     threads = _bench.set_threads(args.threads)
     cases = ["shipped-32px"] if args.quick else args.cases.split(",")
     repeat = args.repeat or (1 if args.quick else 3)
-
-    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     print(_bench.machine())
     mm = _bench.matmul_gflops(2048 if args.quick else 4096)
@@ -124,23 +143,7 @@ def main() -> None:
             ref = reference(config)
             built[key] = (ref, ours_from(ref))
         ref, ours = built[key]
-        x, t, ctx = inputs(ours.config.in_channels, side, tokens, ours.config.context_dim)
-
-        with torch.inference_mode():
-            ref.set_attn_processor(AttnProcessor())  # explicit softmax, which the FLOP counter sees
-            gflop = _bench.count_gflops(lambda: ref(x, t, ctx))
-            ref.set_attn_processor(AttnProcessor2_0())
-            out = {}
-
-            def run_ours():
-                out["ours"] = ours(x, t, ctx)
-
-            def run_ref():
-                out["ref"] = ref(x, t, ctx).sample
-
-            med = _bench.alternate({"ours": run_ours, "ref": run_ref}, repeat)
-            diff = _bench.max_diff(out["ours"], out["ref"])
-
+        gflop, med, diff = measure(ref, ours, side, tokens, repeat)
         mem = (None, None)
         if not args.no_memory:
             with tempfile.TemporaryDirectory() as tmp:

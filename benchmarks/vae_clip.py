@@ -117,6 +117,26 @@ def child(impl: str, folder: str, case: str) -> None:
     _bench.child_report(base)
 
 
+def measure(case: str, ours, ref, repeat: int) -> tuple[float, dict[str, float], float]:
+    """GFLOP of one call, median seconds of each implementation, max output difference."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    run_ours, run_ref = calls(case, ours, ref)
+    with torch.inference_mode():
+        if case.startswith("clip"):
+            ref.set_attn_implementation("eager")  # explicit softmax, which the FLOP counter sees
+            gflop = _bench.count_gflops(run_ref)
+            ref.set_attn_implementation("sdpa")
+        else:
+            ref.set_attn_processor(AttnProcessor())
+            gflop = _bench.count_gflops(run_ref)
+            ref.set_attn_processor(AttnProcessor2_0())
+        out = {}
+        med = _bench.alternate({"ours": lambda: out.__setitem__("ours", run_ours()),
+                                "ref": lambda: out.__setitem__("ref", run_ref())}, repeat)  # fmt: skip
+    return gflop, med, _bench.max_diff(out["ours"], out["ref"])
+
+
 def main() -> None:
     if "--child" in sys.argv:
         i = sys.argv.index("--child")
@@ -129,8 +149,6 @@ def main() -> None:
     threads = _bench.set_threads(args.threads)
     cases = ["decode-64", "encode-64", "clip-vit-l"] if args.quick else args.cases.split(",")
     repeat = args.repeat or (1 if args.quick else 3)
-
-    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     print(_bench.machine())
     mm = _bench.matmul_gflops(2048 if args.quick else 4096)
@@ -146,20 +164,7 @@ def main() -> None:
         else:
             vae = vae or (lambda r: (r, ours_vae(r)))(reference_vae())
             ref, ours = vae
-        run_ours, run_ref = calls(case, ours, ref)
-        with torch.inference_mode():
-            if is_text:
-                ref.set_attn_implementation("eager")  # explicit softmax, which the FLOP counter sees
-                gflop = _bench.count_gflops(run_ref)
-                ref.set_attn_implementation("sdpa")
-            else:
-                ref.set_attn_processor(AttnProcessor())
-                gflop = _bench.count_gflops(run_ref)
-                ref.set_attn_processor(AttnProcessor2_0())
-            out = {}
-            med = _bench.alternate({"ours": lambda: out.__setitem__("ours", run_ours()),
-                                    "ref": lambda: out.__setitem__("ref", run_ref())}, repeat)  # fmt: skip
-            diff = _bench.max_diff(out["ours"], out["ref"])
+        gflop, med, diff = measure(case, ours, ref, repeat)
         mem = (None, None)
         if not args.no_memory:
             with tempfile.TemporaryDirectory() as tmp:
