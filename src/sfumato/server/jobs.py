@@ -417,6 +417,8 @@ class Worker:
             self.completed += 1
         self._write_state(job, force=True)
         (self.jobs_dir / f"{job.id}.cancel").unlink(missing_ok=True)
+        if self.current is job:  # before the future: a client that got its answer sees the worker idle
+            self.current = None
         if not job.future.done():
             job.future.set_result(job)
 
