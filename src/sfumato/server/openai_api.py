@@ -87,7 +87,8 @@ def _settings(state, body) -> dict:
     quality = body.get("quality") or "auto"
     if quality not in QUALITY_STEPS:
         raise ApiError(400, f"quality must be one of {', '.join(QUALITY_STEPS)}, got {quality!r}", "quality")
-    steps = _int(body.get("steps"), "steps", QUALITY_STEPS[quality])
+    # quality's step count is a default, so it bows to the server's cap; an explicit `steps` is checked
+    steps = _int(body.get("steps"), "steps", min(QUALITY_STEPS[quality], lim.max_steps))
     lim.check_steps(steps)
     fmt = body.get("output_format") or "png"
     if fmt not in FORMATS:

@@ -154,6 +154,8 @@ def decode_image(data: bytes, limits: Limits, what: str = "image") -> Image.Imag
         raise ApiError(413, f"{what} is {len(data)} bytes, more than the {limits.max_upload_bytes} accepted", what)
     try:
         im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:  # PIL's own header check (past 2 x MAX_IMAGE_PIXELS)
+        raise ApiError(413, f"{what} refused as a decompression bomb: {e}", what) from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise ApiError(400, f"{what} is not a PNG, JPEG or WebP image: {e}", what) from None
     if im.format not in _FORMATS:

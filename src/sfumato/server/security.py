@@ -64,7 +64,7 @@ def _same_origin(origin: str, host: str, scheme: str) -> bool:
         h_host, h_port = (h.hostname or ""), str(h.port) if h.port else _default_port(scheme)
     except ValueError:
         return False
-    return bool(o_host) and o_host == h_host and o_port == h_port
+    return bool(o_host) and o.scheme == scheme and o_host == h_host and o_port == h_port
 
 
 class Guard:
@@ -107,28 +107,37 @@ class Guard:
             if int(length) > self.max_body:
                 return await _send_json(send_with_headers, 413, self._too_large(), None, openai)
 
-        seen, started = 0, False
+        seen, too_large, started = 0, False, False
 
         async def counting_receive():
-            nonlocal seen
+            nonlocal seen, too_large
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_body:
+                    too_large = True
                     raise _TooLarge
             return message
 
-        async def tracking_send(message):
+        async def guarded_send(message):
+            # A handler may catch the error of a body that grew too large and answer something else
+            # (FastAPI answers 400 "error parsing the body"): whatever it answers becomes the 413.
             nonlocal started
+            if too_large:
+                if not started:
+                    started = True
+                    await _send_json(send_with_headers, 413, self._too_large(), None, openai)
+                return
             if message["type"] == "http.response.start":
                 started = True
             await send_with_headers(message)
 
         try:
-            await self.app(scope, counting_receive, tracking_send)
+            await self.app(scope, counting_receive, guarded_send)
         except _TooLarge:
-            if not started:
-                await _send_json(send_with_headers, 413, self._too_large(), None, openai)
+            pass
+        if too_large and not started:
+            await _send_json(send_with_headers, 413, self._too_large(), None, openai)
 
     def _too_large(self) -> str:
         return f"request body larger than the {self.max_body} bytes this server accepts"
