@@ -646,6 +646,99 @@ def _classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _clip_for_eval(args: argparse.Namespace, model_path: Path, pipe):
+    """The CLIP (both towers) that `eval shapes` scores with: --clip, else MODEL/clip.safetensors.
+
+    A file's tokenizer is the `tokenizer/` folder beside it (how `sfumato train clip` exports one), else the
+    text-to-image bundle's own (its text encoder is that CLIP's text tower); a folder brings its own."""
+    from .pipelines.clip import CLIPPipeline
+
+    if args.no_clip:
+        return None, None
+    path = Path(args.clip) if args.clip else model_path / "clip.safetensors"
+    if not path.exists():
+        if args.clip:
+            raise FileNotFoundError(f"no such CLIP model: {args.clip}")
+        raise ValueError(
+            f"{model_path} has no clip.safetensors for the zero-shot and Frechet metrics; pass --clip PATH (a "
+            "CLIP with both towers, e.g. runs/NAME/clip/final/clip.safetensors), or --no-clip to skip them"
+        )
+    tokenizer = None
+    if path.is_file():
+        from .text.tokenizer import CLIPTokenizer
+
+        beside = path.parent / "tokenizer"
+        tokenizer = CLIPTokenizer.from_pretrained(beside) if beside.is_dir() else pipe.tokenizer
+    clip = CLIPPipeline.from_pretrained(path, _device(args.device), _torch_dtype(args.dtype), tokenizer=tokenizer)
+    return clip, path
+
+
+def _eval_shapes(args: argparse.Namespace) -> int:
+    from .eval.shapes import evaluate_shapes, format_table
+    from .pipelines.stable_diffusion import StableDiffusion
+
+    defaults = _api_defaults(StableDiffusion.generate)
+    guidance = defaults["guidance"] if args.guidance is None else args.guidance
+    sampler = defaults["sampler"] if args.sampler is None else args.sampler
+    for name, value, least in (("--steps", args.steps, 1), ("--seeds", args.seeds, 1),
+                               ("--limit", args.limit, 1), ("--fd-images", args.fd_images, 0)):  # fmt: skip
+        if value is not None and value < least:
+            raise ValueError(f"{name} must be >= {least}, got {value}")
+    if args.fd_images == 1:
+        raise ValueError("--fd-images must be 0 (skip the Frechet distance) or >= 2, got 1")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {args.out} is a file; give a folder for report.json and contact_sheet.png")
+    model_path = Path(args.model or default_model())
+    pipe = _load_sd(argparse.Namespace(**{**vars(args), "model": str(model_path)}))
+    clip, clip_path = _clip_for_eval(args, model_path, pipe)
+    report, sheet = evaluate_shapes(
+        pipe, clip=clip, seeds=args.seeds, steps=args.steps, guidance=guidance, sampler=sampler,
+        seed=args.seed, limit=args.limit, fd_images=args.fd_images if clip is not None else 0,
+        real_images=args.real_images, progress=sys.stderr.isatty(),
+    )  # fmt: skip
+    report = {
+        "model": str(model_path), "model_hash": pipe.model_hash,
+        "clip": str(clip_path) if clip_path else None,
+        "clip_hash": _hash_or_none(clip_path),
+        **report,
+    }  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    sheet.save(out / "contact_sheet.png")
+    s = report["settings"]
+    print(
+        f"sfumato eval shapes (prompt set v{report['prompt_set_version']}, {report['n_prompts']} prompts x "
+        f"{s['seeds_per_prompt']} seeds; {s['steps']} steps, guidance {s['guidance']}, {s['sampler']})"
+    )
+    print(format_table(report["rates"]))
+    for name, goal in report["goals"].items():
+        value = "-" if goal["value"] is None else f"{100 * goal['value']:.1f}%"
+        verdict = {True: "met", False: "NOT met", None: "n/a"}[goal["met"]]
+        print(f"  goal {name:<17} {value:>7} (target {100 * goal['target']:.0f}%, {goal['over']}): {verdict}")
+    m = report["metrics"]
+    if "vae_psnr" in m:
+        recon = m["checker_on_vae_reconstructions"]
+        print(f"VAE reconstruction PSNR {m['vae_psnr']['mean_db']:.2f} dB ({m['real_images']['n']} real images); "
+              f"checker on them: all {100 * recon['all']:.1f}%, shape {100 * recon['shape']:.1f}%")  # fmt: skip
+    if "clip_zero_shot" in m:
+        z = m["clip_zero_shot"]
+        print(f"CLIP zero-shot on real images: colour {100 * z['color']['accuracy']:.1f}% (n={z['color']['n']}), "
+              f"shape {100 * z['shape']['accuracy']:.1f}% (n={z['shape']['n']})")  # fmt: skip
+    if "frechet_clip" in m:
+        f = m["frechet_clip"]
+        print(f"Frechet distance in CLIP features (n={f['n']}): generated-real {f['generated_vs_real']:.4f}, "
+              f"real-real {f['real_vs_real']:.4f} (the estimator's floor at this n)")  # fmt: skip
+    print(f"{report['timing']['total_s']:.0f}s; wrote {out / 'report.json'} and {out / 'contact_sheet.png'}")
+    return 0
+
+
+def _hash_or_none(path: Path | None) -> str | None:
+    from .pipelines.metadata import model_hash
+
+    return model_hash(path) if path is not None and path.exists() else None
+
+
 def _train(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -878,6 +971,43 @@ def build_parser() -> argparse.ArgumentParser:
     cls.add_argument("--json", action="store_true", help="print the results as JSON")
     _add_common(cls, "also write the results as JSON to this file", task="classification")
     cls.set_defaults(func=_classify, user_errors=True)
+
+    ev = sub.add_parser("eval", help="benchmarks of a trained model")
+    ev_sub = ev.add_subparsers(dest="benchmark", required=True)
+    shp = ev_sub.add_parser(
+        "shapes",
+        help="prompt following on the built-in shapes data: colour, shape, size, position, relation, count",
+        description="Generate the versioned shapes prompt set (seen and held-out combinations), score every "
+        "image with a programmatic checker (colour segmentation, shape templates), and add CLIP zero-shot "
+        "accuracy, VAE reconstruction PSNR and the Frechet distance in CLIP features on real images. Writes "
+        "OUT/report.json and OUT/contact_sheet.png and prints a table.",
+    )
+    shp.add_argument("--model", metavar="DIR", help="the text-to-image bundle (default: the shipped model)")
+    shp.add_argument(
+        "--clip", metavar="PATH",
+        help="the CLIP with both towers (default: MODEL/clip.safetensors); a file's tokenizer is the tokenizer/ "
+        "folder beside it, else the bundle's",
+    )  # fmt: skip
+    shp.add_argument("--no-clip", action="store_true", help="skip CLIP zero-shot accuracy and the Frechet distance")
+    shp.add_argument("--out", required=True, metavar="DIR", help="folder for report.json and contact_sheet.png")
+    shp.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
+    gen_defaults = _api_defaults(StableDiffusion.generate)
+    shp.add_argument("--guidance", type=float, help=f"guidance scale (default {gen_defaults['guidance']})")
+    shp.add_argument("--sampler", choices=list(SAMPLERS), help=f"sampler (default {gen_defaults['sampler']})")
+    shp.add_argument("--seeds", type=int, default=4, help="images per prompt (default 4)")
+    shp.add_argument("--seed", type=int, default=0, help="base seed: image j of prompt k gets seed + k * seeds + j")
+    shp.add_argument("--limit", type=int, help="evaluate only this many prompts, spread over the set (a quick look)")
+    shp.add_argument(
+        "--fd-images", type=int, default=256,
+        help="real images (and as many generated from their captions) for the Frechet distance (default 256; 0 skips)",
+    )  # fmt: skip
+    shp.add_argument(
+        "--real-images", type=int, default=256,
+        help="real images for zero-shot accuracy, VAE PSNR and the checker's own check (default 256)",
+    )  # fmt: skip
+    shp.add_argument("--device", default="cpu", help="torch device (default cpu), e.g. cuda, cuda:1, mps")
+    shp.add_argument("--dtype", choices=DTYPES, default="float32", help="weights' dtype (default float32)")
+    shp.set_defaults(func=_eval_shapes, user_errors=True, prediction=None)
     return p
 
 
