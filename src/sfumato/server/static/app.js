@@ -53,19 +53,21 @@ async function follow(id) {
   while (current === id) {
     const state = await api(`api/jobs/${id}`);
     $("progress").value = state.progress;
-    const waiting = state.status === "queued" ? "waiting in the queue" : `step ${state.step}/${state.steps}`;
-    const call = state.job_count > 1 ? `, batch ${state.job_no + 1}/${state.job_count}` : "";
-    $("status").textContent = `${state.status}: ${waiting}${call}`;
+    if (["queued", "running"].includes(state.status)) {
+      const waiting = state.status === "queued" ? "waiting in the queue" : `step ${state.step}/${state.steps}`;
+      const call = state.job_count > 1 ? `, batch ${state.job_no + 1}/${state.job_count}` : "";
+      $("status").textContent = `${state.status}: ${waiting}${call}`;
+    }
     if (state.preview) {
       $("preview").src = "data:image/png;base64," + state.preview;
       $("preview").hidden = false;
     }
     if (!["queued", "running"].includes(state.status)) {
+      if (state.images.length) $("preview").src = state.images[0].url;
+      await loadGallery(); // first, so that "done" means the gallery shows the new images
       $("status").textContent = state.status === "failed" ? `failed: ${state.error}` :
         `${state.status}: ${state.images.length} image(s), seed ${state.request.seed}`;
       if (state.status === "failed") showError(state.error);
-      if (state.images.length) $("preview").src = state.images[0].url;
-      await loadGallery();
       break;
     }
     await new Promise((resolve) => setTimeout(resolve, 250));
