@@ -102,13 +102,15 @@ def _layout(prompt: dict, rng: np.random.Generator) -> list[dict]:
         radius.append(S * (lo + (hi - lo) * rng.uniform(0.2, 0.8)))
     centres: list[list[float] | None] = [None] * len(objs)
     if len(objs) == 1 and objs[0].get("position"):
-        word = objs[0]["position"]
-        x = 0.2 if "left" in word else 0.8 if "right" in word else 0.5
-        y = 0.2 if "top" in word else 0.8 if "bottom" in word else 0.5
-        centres[0] = [x * S, y * S]
+        word, r = objs[0]["position"], radius[0]
+        lo, hi = max(0.2 * S, r + 1), min(0.8 * S, S - r - 1)  # inside the image, at least 1 px from its edge
+        x = lo if "left" in word else hi if "right" in word else S / 2
+        y = lo if "top" in word else hi if "bottom" in word else S / 2
+        centres[0] = [x, y]
     rel = prompt.get("relation")
-    if rel:
-        near, far = (0.27, 0.73) if rel["relation"] in ("above", "left of") else (0.73, 0.27)
+    if rel:  # centres 16 px apart, radii at most 7 px (0.22 S, still "large")
+        radius = [min(r, 0.22 * S) for r in radius]
+        near, far = (0.25, 0.75) if rel["relation"] in ("above", "left of") else (0.75, 0.25)
         off = rng.uniform(-0.05, 0.05) * S
         for k, t in ((rel["subject"], near), (rel["object"], far)):
             vertical = rel["relation"] in ("above", "below")
