@@ -206,6 +206,15 @@ def test_checker_rejects_other_colours_blobs_and_empty_images():
     speck = np.full((S, S, 3), 235, np.uint8)
     speck[10:12, 10:12] = COLORS["red"]
     assert check(Image.fromarray(speck), red_circle)["objects"] == []
+    # an oval (two overlapping circles side by side) and an irregular merger of two shapes are no shape
+    oval = [{"shape": "circle", "color": "red", "center": [12, 16], "radius": 6},
+            {"shape": "circle", "color": "red", "center": [20, 16], "radius": 6}]  # fmt: skip
+    merged = [{"shape": "triangle", "color": "red", "center": [14, 16], "radius": 6},
+              {"shape": "square", "color": "red", "center": [19, 19], "radius": 4}]  # fmt: skip
+    for objs in (oval, merged):
+        r = check(render(objs, S), red_circle)
+        assert [(o["color"], o["shape"]) for o in r["objects"]] == [("red", None)], r["objects"]
+        assert r["scores"]["shape"] is False and r["scores"]["count"] is True
     # random noise is no shape at all
     noise = np.random.default_rng(0).integers(0, 256, (S, S, 3), dtype=np.uint8)
     assert not check(Image.fromarray(noise), red_circle)["pass"]
