@@ -391,3 +391,18 @@ def test_page_job_api_progress_cancel_and_gallery(pipe, tmp_path):
         assert c.get("/api/jobs/" + "0" * 32).status_code == 404
         r = c.post("/api/jobs", json={"prompt": "a cat", "steps": 1000})
         assert r.status_code == 422 and "steps must be an integer from 1 to 150" in r.json()["detail"]
+
+
+def test_a_client_that_goes_away_cancels_its_job(server):
+    url, app = server
+    worker = app.state.sfumato.worker
+    before = worker.completed
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "sdapi/v1/txt2img", timeout=1.0,
+                   json={"prompt": "a cat", "steps": 150, "width": SIZE, "height": SIZE})  # fmt: skip
+    deadline = time.monotonic() + 10
+    while (worker.current is not None or worker.completed == before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert worker.current is None and worker.completed == before + 1
+    health = httpx.get(url + "healthz").json()
+    assert not health["running"] and health["queued"] == 0

@@ -192,16 +192,16 @@ def router(state) -> APIRouter:
     r = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111"])
 
     @r.post("/txt2img")
-    async def txt2img(req: Txt2ImgRequest):
+    async def txt2img(req: Txt2ImgRequest, http: Request):
         started = time.time()
         common = _common(state, req)
         state.limits.check_size(req.width, req.height, state.latent_factor)
         gen = GenerationRequest(mode="txt2img", width=req.width, height=req.height, **common)
-        job = await state.run(gen, save=req.save_images)
+        job = await state.run(gen, http, save=req.save_images)
         return _answer(state, job, req, gen, started, "txt2img")
 
     @r.post("/img2img")
-    async def img2img(req: Img2ImgRequest):
+    async def img2img(req: Img2ImgRequest, http: Request):
         started = time.time()
         common = _common(state, req)
         state.limits.check_size(req.width, req.height, state.latent_factor)
@@ -228,7 +228,7 @@ def router(state) -> APIRouter:
             mode = "inpaint"
         gen = GenerationRequest(mode=mode, width=req.width, height=req.height, strength=strength, image=image,
                                 mask=mask, **common)  # fmt: skip
-        job = await state.run(gen, save=req.save_images)
+        job = await state.run(gen, http, save=req.save_images)
         return _answer(state, job, req, gen, started, "img2img")
 
     @r.get("/progress")

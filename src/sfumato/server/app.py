@@ -66,10 +66,19 @@ class ServerState:
         """A1111's checkpoint title: 'name [hash]'."""
         return f"{self.model_name} [{self.model_hash}]" if self.model_hash else self.model_name
 
-    async def run(self, request: GenerationRequest, *, save: bool = False, track: bool = False) -> Job:
-        """Queue a request and wait for it; ApiError 429 when the queue is full, 400/500 when it fails."""
-        job = self.submit(request, save=save, track=track)
-        await asyncio.wrap_future(job.future)
+    async def run(self, request: GenerationRequest, http: Request | None = None, *, save: bool = False) -> Job:
+        """Queue a request and wait for it; ApiError 429 when the queue is full, 400/500 when it fails.
+        When the client of `http` goes away meanwhile, the job is cancelled (queued or running), so nobody's
+        abandoned request keeps the worker busy."""
+        job = self.submit(request, save=save)
+        done = asyncio.wrap_future(job.future)
+        while True:
+            try:
+                await asyncio.wait_for(asyncio.shield(done), timeout=0.25)
+                break
+            except asyncio.TimeoutError:
+                if http is not None and not job.cancel.is_set() and await http.is_disconnected():
+                    job.cancel.set()
         if job.status == "failed":
             raise ApiError(400 if job.error_kind == "user" else 500, job.error or "generation failed")
         return job
@@ -173,7 +182,8 @@ def create_app(
         finally:
             worker.stop()
 
-    app = FastAPI(title="sfumato", version=_version(), lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    # no /docs: FastAPI's docs page loads its scripts from a CDN, and this server works offline
+    app = FastAPI(title="sfumato", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.sfumato = state
 
     @app.exception_handler(ApiError)

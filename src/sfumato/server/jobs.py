@@ -123,6 +123,7 @@ class Job:
     steps: int = 0  # steps this call runs (img2img: int(steps * strength))
     images: list = field(default_factory=list)  # PIL images with info["parameters"]
     files: list = field(default_factory=list)  # names of saved PNGs in outdir
+    parameters: list = field(default_factory=list)  # each image's A1111 parameters text
     preview: bytes | None = None  # PNG of the current x0 estimate of the first image
     error: str | None = None
     error_kind: str | None = None  # "user" (the request was refused by the pipeline) | "internal"
@@ -162,8 +163,8 @@ class Job:
             "error": self.error,
             "request": self.request.describe(),
             "images": [
-                {"file": name, "url": f"outputs/{name}", "parameters": im.info.get("parameters", "")}
-                for name, im in zip(self.files, self.images)
+                {"file": name, "url": f"outputs/{name}", "parameters": params}
+                for name, params in zip(self.files, self.parameters)
             ],
         }
         if with_preview:
@@ -401,12 +402,18 @@ class Worker:
                 torch.cuda.empty_cache()
 
     def _save(self, job: Job) -> None:
+        job.parameters = [im.info.get("parameters", "") for im in job.images]
         if not job.save:
             return
         for i, im in enumerate(job.images):
             name = f"{time.strftime('%Y%m%d-%H%M%S')}-{job.id[:12]}-{i:02d}.png"
             _write_atomic(self.outdir / name, png_bytes(im))
             job.files.append(name)
+        if job.track:
+            # a tracked job is remembered (for its state) after its request is answered: keep its file
+            # names and parameters, not its pixels, or 256 remembered jobs would pin 256 jobs' images
+            job.images = []
+            job.request.image = job.request.mask = None
 
     def _finish(self, job: Job, status: str, error: str | None = None, kind: str | None = None) -> None:
         job.status, job.finished, job.error, job.error_kind = status, time.time(), error, kind

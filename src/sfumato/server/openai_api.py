@@ -144,7 +144,7 @@ def router(state) -> APIRouter:
         size = _size(state, body.get("size")) or (state.default_size, state.default_size)
         state.limits.check_size(*size, state.latent_factor)
         gen = GenerationRequest(mode="txt2img", width=size[0], height=size[1], **s)
-        job = await state.run(gen, save=out[1] == "url")
+        job = await state.run(gen, request, save=out[1] == "url")
         return _answer(request, job, out, *size)
 
     @r.post("/edits")
@@ -186,7 +186,7 @@ def router(state) -> APIRouter:
             raise ApiError(400, f"strength must be in (0, 1] and leave at least one step, got {strength}", "strength")
         gen = GenerationRequest(mode="inpaint" if mask is not None else "img2img", width=size[0], height=size[1],
                                 strength=strength, image=pixels, mask=mask, **s)  # fmt: skip
-        job = await state.run(gen, save=out[1] == "url")
+        job = await state.run(gen, request, save=out[1] == "url")
         return _answer(request, job, out, *size)
 
     return r
