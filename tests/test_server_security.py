@@ -273,3 +273,11 @@ def test_file_routes_do_not_leave_the_output_folder(pipe, tmp_path):
             assert b"root:" not in data, path
         status, data = raw_get(url, "/outputs/fine.png")
         assert status == 200 and b"\x89PNG" in data
+
+
+def test_a_missing_model_is_one_line_and_exit_2(tmp_path, capsys):
+    from sfumato.server.main import main
+
+    assert main(["--model", str(tmp_path / "nope"), "--outdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sfumato serve: error:") and "nope" in err and err.count("\n") == 1

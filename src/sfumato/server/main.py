@@ -103,4 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         description="HTTP service: AUTOMATIC1111- and OpenAI-compatible image APIs and a web page",
     )
     add_serve_arguments(parser)
-    return serve_main(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        return serve_main(args)
+    except (ValueError, OSError) as e:  # a missing or unreadable model: one line, exit 2 (as `sfumato` does)
+        print(f"sfumato serve: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
