@@ -121,3 +121,26 @@ def test_page_generates_shows_progress_gallery_and_downloads(browser, tiny_bundl
         page.close()
     # the one error is the browser logging the 422 above; nothing else (no CSP violation, no 404, no exception)
     assert len(errors) == 1 and "422" in errors[0], errors
+
+
+def test_page_behind_an_api_key_uses_the_browsers_login(browser, tiny_bundle_path, tmp_path):
+    """With --api-key the page answers 401 with a basic-auth challenge; the browser's login (any user name,
+    the key as password) then carries every request the page makes."""
+    key = "page-key-" + "5" * 24
+    app = create_app(sfumato.load(tiny_bundle_path), outdir=tmp_path / "out", api_key=key, preview_interval=0)
+    with serve_in_thread(app) as url:
+        anonymous = browser.new_page()
+        with pytest.raises(playwright_api.Error, match="ERR_INVALID_AUTH_CREDENTIALS"):
+            anonymous.goto(url)  # headless Chromium has no one to ask for the login the 401 requests
+        anonymous.close()
+        context = browser.new_context(http_credentials={"username": "me", "password": key})
+        page = context.new_page()
+        assert page.goto(url).status == 200
+        page.wait_for_selector("#sampler option[value='Euler a']", state="attached")
+        page.fill("#prompt", "a cat")
+        page.fill("#steps", "2")
+        page.click("#generate")
+        wait_until(page, "() => document.querySelector('#status').textContent.startsWith('done')", 60)
+        assert page.locator("#gallery figure").count() == 1
+        assert page.evaluate("document.querySelector('#gallery img').naturalWidth") == 32
+        context.close()

@@ -281,3 +281,13 @@ def test_a_missing_model_is_one_line_and_exit_2(tmp_path, capsys):
     assert main(["--model", str(tmp_path / "nope"), "--outdir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("sfumato serve: error:") and "nope" in err and err.count("\n") == 1
+
+
+def test_websockets_are_refused(pipe, tmp_path):
+    from starlette.websockets import WebSocketDisconnect
+
+    app = create_app(pipe, outdir=tmp_path, api_key=KEY)
+    with TestClient(app) as c, pytest.raises(WebSocketDisconnect) as e:
+        with c.websocket_connect("/", headers={"Authorization": f"Bearer {KEY}"}):
+            pass
+    assert e.value.code == 1008
