@@ -140,6 +140,12 @@ def test_webuiapi_lists_and_options(server, pipe):
     assert api.util_get_model_names() == [models[0]["title"]]
     assert api.util_get_current_model() == models[0]["title"]  # reads options.sd_model_checkpoint
     assert api.get_options()["samples_format"] == "png"
+    api.util_set_model(models[0]["model_name"])  # "selecting" the loaded model is fine ...
+    assert api.set_options({"sd_model_checkpoint": models[0]["title"]}) == {}
+    # ... changing an option is refused (webuiapi hands back the body of the 422)
+    assert "read-only" in api.set_options({"CLIP_stop_at_last_layers": 2})["detail"]
+    r = httpx.post(url + "sdapi/v1/options", json={"sd_model_checkpoint": "v1-5-pruned"})
+    assert r.status_code == 422 and "read-only" in r.json()["detail"]
     progress = api.get_progress()
     assert progress["state"]["job_count"] == 0 and progress["current_image"] is None
 

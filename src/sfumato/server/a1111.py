@@ -292,8 +292,7 @@ def router(state) -> APIRouter:
     async def scripts():
         return {"txt2img": [], "img2img": []}
 
-    @r.get("/options")
-    async def options():
+    def current_options() -> dict:
         return {
             "sd_model_checkpoint": state.model_title,
             "sd_checkpoint_hash": state.model_hash,
@@ -304,9 +303,26 @@ def router(state) -> APIRouter:
             "outdir_samples": "",  # the folder is the server's business; no paths leave it
         }
 
+    @r.get("/options")
+    async def options():
+        return current_options()
+
     @r.post("/options")
-    async def set_options():
-        raise ApiError(405, "options are read-only on sfumato; choose the model with `sfumato serve --model`")
+    async def set_options(request: Request):
+        """Read-only, but clients that "select" the loaded model before every request (webuiapi's
+        util_set_model, Open WebUI) keep working: setting an option to its current value is accepted."""
+        body = await request.json()
+        if not isinstance(body, dict):
+            raise ApiError(422, "options must be a JSON object")
+        current = current_options()
+        for key, value in body.items():
+            same = current.get(key) == value
+            if key == "sd_model_checkpoint":
+                same = value in (state.model_title, state.model_name)
+            if not same:
+                raise ApiError(422, f"option {key!r} cannot be changed on sfumato (options are read-only; the "
+                               "model is chosen with `sfumato serve --model`)", key)  # fmt: skip
+        return {}
 
     @r.post("/png-info")
     async def png_info(request: Request):
