@@ -729,6 +729,8 @@ def _eval_shapes(args: argparse.Namespace) -> int:
         f = m["frechet_clip"]
         print(f"Frechet distance in CLIP features (n={f['n']}): generated-real {f['generated_vs_real']:.4f}, "
               f"real-real {f['real_vs_real']:.4f} (the estimator's floor at this n)")  # fmt: skip
+        if "warning" in f:
+            print(f"  warning: {f['warning']}")
     print(f"{report['timing']['total_s']:.0f}s; wrote {out / 'report.json'} and {out / 'contact_sheet.png'}")
     return 0
 
@@ -998,8 +1000,9 @@ def build_parser() -> argparse.ArgumentParser:
     shp.add_argument("--seed", type=int, default=0, help="base seed: image j of prompt k gets seed + k * seeds + j")
     shp.add_argument("--limit", type=int, help="evaluate only this many prompts, spread over the set (a quick look)")
     shp.add_argument(
-        "--fd-images", type=int, default=256,
-        help="real images (and as many generated from their captions) for the Frechet distance (default 256; 0 skips)",
+        "--fd-images", type=int, default=512,
+        help="real images (and as many generated from their captions) for the Frechet distance (default 512, "
+        "4x the shapes CLIP's 128 feature dimensions; 0 skips)",
     )  # fmt: skip
     shp.add_argument(
         "--real-images", type=int, default=256,

@@ -764,7 +764,7 @@ def evaluate_shapes(
     sampler: str = "dpmpp_2m",
     seed: int = 0,
     limit: int | None = None,
-    fd_images: int = 256,
+    fd_images: int = 512,
     real_images: int = 256,
     chunk: int = 16,
     progress: bool = False,
@@ -787,9 +787,9 @@ def evaluate_shapes(
     if limit is not None:
         if limit < 1:
             raise ValueError(f"limit must be >= 1 prompt, got {limit}")
-        # keep both seen and held-out prompts under a limit: take every k-th prompt
-        step = max(1, len(indexed) // limit)
-        indexed = indexed[::step][:limit]
+        # spread over the whole set, so that a limit keeps both seen and held-out prompts
+        picks = sorted({k * len(indexed) // limit for k in range(min(limit, len(indexed)))})
+        indexed = [indexed[k] for k in picks]
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1 image per prompt, got {seeds}")
     if vae is None:
@@ -863,6 +863,14 @@ def evaluate_shapes(
                 "generated_from": "the captions of the real images",
                 "note": "biased upwards at small n (two real samples score real_vs_real); compare runs at one n",
             }  # fmt: skip
+            if fd_images <= 2 * f_ref.shape[1]:
+                # a sample covariance of n <= d points has rank < d: two real samples then lie in nearly
+                # orthogonal subspaces and score about tr S1 + tr S2, more than a low-variance generator does
+                extra["frechet_clip"]["warning"] = (
+                    f"n={fd_images} is not well above the feature dimension {f_ref.shape[1]}: the covariances "
+                    "are rank-deficient and the distance rewards low variance; use --fd-images >= "
+                    f"{4 * f_ref.shape[1]}"
+                )
         timing["clip_s"] = round(time.time() - t0, 1)
     if bar is not None:
         bar.close()
