@@ -105,7 +105,7 @@ async function init() {
   $("cancel").addEventListener("click", cancel);
   try {
     const info = await api("api/info");
-    $("model").textContent = `model ${info.model}` + (info.model_hash ? ` [${info.model_hash}]` : "") +
+    $("model").textContent = `model: ${info.model}` + (info.model_hash ? ` [${info.model_hash}]` : "") +
       ` · up to ${info.limits.max_pixels} px, ${info.limits.max_steps} steps, ${info.limits.max_images} images`;
     for (const name of info.samplers) $("sampler").add(new Option(name, name));
     for (const side of ["width", "height"]) {
