@@ -4,7 +4,7 @@ Load test: concurrent clients (A1111, OpenAI and page-job requests) against `pyt
 small queue. Every request must either complete with its images or be refused cleanly with 429; the server
 stays up; its resident memory stays flat after warm-up. The figures (requests, refusals, latency
 percentiles, peak RSS) are printed, and written to $SFUMATO_LOADTEST_REPORT when set. Bounded in count
-and time, loopback only. SFUMATO_LOADTEST_CLIENTS / SFUMATO_LOADTEST_REQUESTS make it bigger.
+and time, loopback only. SFUMATO_LOADTEST_CLIENTS / _REQUESTS / _QUEUE change its size.
 
 Replicas: two servers on two ports, one output folder, one client that round-robins between them as a
 load balancer would, and reads job state and files from the replica that did *not* run the job.
@@ -85,8 +85,9 @@ def percentile(values: list[float], q: float) -> float:
 def test_load_every_request_completes_or_is_refused_and_memory_stays_flat(tiny_bundle_path, tmp_path):
     clients = int(os.environ.get("SFUMATO_LOADTEST_CLIENTS", 5))
     per_client = int(os.environ.get("SFUMATO_LOADTEST_REQUESTS", 6))
+    max_queue = os.environ.get("SFUMATO_LOADTEST_QUEUE", "2")
     time_limit = 120.0  # the whole test stops by itself
-    with server_processes(1, tiny_bundle_path, tmp_path / "out", "--max-queue", "2", "--preview-interval", "-1") as [
+    with server_processes(1, tiny_bundle_path, tmp_path / "out", "--max-queue", max_queue, "--preview-interval", "-1") as [
         (proc, url)
     ]:
         server = psutil.Process(proc.pid)
@@ -160,7 +161,7 @@ def test_load_every_request_completes_or_is_refused_and_memory_stays_flat(tiny_b
     refused = statuses.count(429)
     peak = max(r for _, r in rss)
     report = {
-        "clients": clients, "requests": len(results), "completed": len(completed), "refused_429": refused,
+        "clients": clients, "max_queue": int(max_queue), "requests": len(results), "completed": len(completed), "refused_429": refused,
         "other": len(results) - len(completed) - refused, "wall_s": round(wall, 2),
         "latency_s": {q: round(percentile(completed, float(q[1:])), 3) for q in ("p50", "p95", "p99")},
         "rss_mib": {"after_warmup": round(baseline / 2**20, 1), "peak": round(peak / 2**20, 1),
@@ -173,7 +174,9 @@ def test_load_every_request_completes_or_is_refused_and_memory_stays_flat(tiny_b
     assert len(results) == clients * per_client
     assert all(ok for *_, ok in results), [r for r in results if not r[3]]
     assert set(statuses) <= {200, 429}
-    assert completed and refused, "the load should both complete jobs and overflow the queue of 2"
+    assert completed
+    if clients > int(max_queue) + 1:
+        assert refused, "more clients than the queue holds: some requests should have been refused"
     # flat memory: 2 x 32 px images per job cost kilobytes; a leak of one job's tensors per request would
     # show as steady growth. Allow allocator noise.
     assert peak - baseline < 96 * 2**20, report
