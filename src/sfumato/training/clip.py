@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import random
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,6 +37,41 @@ from sfumato.training.task import BatchRandom
 LOSSES = ("softmax", "sigmoid")
 # The attributes that zero-shot evaluation looks for in a batch's "attributes" (the shapes dataset's).
 EVAL_ATTRIBUTES = ("color", "shape")
+
+
+# Hard negatives (NegCLIP, Yuksekgonul et al. 2023): a contrastive loss over random batches is solved by
+# recognising which objects are present, so CLIP text features become bags of words that hardly change with
+# "above" / "below" or with which colour goes with which shape. A caption with such a word changed is false
+# of its image, and adding it as an extra text the image must not pick forces the encoders to represent it.
+_PAIRS = (("above", "below"), ("left", "right"), ("top", "bottom"), ("two", "three"), ("small", "large"))
+_OPPOSITES = {a: b for pair in _PAIRS for a, b in (pair, pair[::-1])}
+COLOR_WORDS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white", "gray",
+               "grey")  # fmt: skip
+
+
+def hard_negative(caption: str, rng: random.Random) -> str | None:
+    """A caption that the image of `caption` contradicts, by one word-level edit chosen at random among those
+    that apply, or None when none does:
+
+    - a spatial, count or size word pair (above/below, left/right, top/bottom, two/three, small/large):
+      every word of the pair is replaced by its opposite ("a red circle above a blue square" -> "... below
+      ..."; "a small red circle and a large blue square" -> "a large red circle and a small blue square");
+    - two different colour words: exchanged ("a red circle and a blue square" -> "a blue circle and a red
+      square"), which breaks the binding of colours to objects.
+    """
+    words = re.findall(r"[a-z]+", caption.lower())
+    edits = [pair for pair in _PAIRS if pair[0] in words or pair[1] in words]
+    colours = list(dict.fromkeys(w for w in words if w in COLOR_WORDS))  # distinct, in order
+    if len(colours) >= 2:
+        edits.append(("colours", colours[0], colours[1]))
+    if not edits:
+        return None
+    edit = edits[rng.randrange(len(edits))]
+    if edit[0] == "colours":
+        a, b = edit[1], edit[2]
+        swap = {a: b, b: a}
+        return re.sub(rf"\b({a}|{b})\b", lambda m: swap[m.group(1)], caption)
+    return re.sub(rf"\b({edit[0]}|{edit[1]})\b", lambda m: _OPPOSITES[m.group(1)], caption)
 
 
 class CLIPForTraining(nn.Module):
@@ -102,6 +139,9 @@ class CLIPTask:
         ensembled over the other attribute's names.
     preview_batch: a batch ("image", "caption", optionally "attributes") for the similarity matrix and the
         zero-shot accuracy of `preview`; may also be assigned later.
+    hard_negatives: add one `hard_negative` of each caption (where one applies) as an extra text that its
+        image must not pick (softmax loss only); the metric acc_hard is how often an image prefers its own
+        caption to that negative.
     """
 
     name = "clip"
@@ -117,6 +157,7 @@ class CLIPTask:
         eval_labels: dict[str, Sequence[str]] | None = None,
         eval_templates: dict[str, Sequence[str]] | None = None,
         preview_batch: dict | None = None,
+        hard_negatives: bool = False,
     ):
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -145,6 +186,9 @@ class CLIPTask:
         self.eval_labels = eval_labels
         self.eval_templates = eval_templates
         self.preview_batch = preview_batch
+        if hard_negatives and loss != "softmax":
+            raise ValueError("hard_negatives=True needs loss='softmax' (the sigmoid loss has no use for them here)")
+        self.hard_negatives = hard_negatives
 
     def trainable(self) -> CLIPForTraining:
         return CLIPForTraining(self.clip_config)
@@ -179,8 +223,18 @@ class CLIPTask:
     ) -> tuple[torch.Tensor, dict[str, float]]:
         device = next(_bare(model).parameters()).device
         pixels = self.pixels(batch["image"].to(device))
-        ids = self.tokenize(batch["caption"]).to(device)
+        captions = list(batch["caption"])
+        B = len(captions)
+        negatives = None
+        if self.hard_negatives:
+            # one random edit per caption, a function of (seed, step, caption) so a resumed run repeats it
+            negatives = [hard_negative(c, random.Random(f"{self.seed}/{step}/{c}")) for c in captions]
+            captions = captions + [n or "" for n in negatives]  # "" holds the place of a missing negative
+        ids = self.tokenize(captions).to(device)
         image, text, t, b = model(ids, pixels)
+        neg = None
+        if negatives is not None:
+            text, neg = text[:B], text[B:]  # (B, D) captions, (B, D) their negatives
         # float32 from here on (under autocast the towers may give bf16): the softmax over the global batch
         # and the normalisation need the precision, and the gathered features are small
         image, text, t = image.float(), text.float(), t.float()
@@ -188,13 +242,24 @@ class CLIPTask:
         image, text = all_gather_with_grad(image), all_gather_with_grad(text)  # (W*B, D): the global batch
         if self.max_logit_scale is not None:
             t = t.clamp(max=math.log(self.max_logit_scale))
-        if self.loss_kind == "softmax":
+        metrics_extra = {}
+        if neg is not None:
+            valid = all_gather(torch.tensor([n is not None for n in negatives], dtype=torch.uint8, device=device))
+            valid = valid.bool()  # (W*B,); gathered as bytes, which every backend can send
+            neg = all_gather_with_grad(neg.float())  # (W*B, D)
+            loss = clip_loss(image, text, t, negatives=neg, negative_mask=valid)
+            with torch.no_grad():
+                i, tx, ng = (F.normalize(v.detach(), dim=-1) for v in (image, text, neg))
+                wins = ((i * tx).sum(-1) > (i * ng).sum(-1))[valid]
+                metrics_extra["acc_hard"] = wins.float().mean().item() if len(wins) else float("nan")
+        elif self.loss_kind == "softmax":
             loss = clip_loss(image, text, t)
         else:
             loss = siglip_loss(image, text, t, b)
         keys = all_gather(caption_keys(batch["caption"]).to(device))
         i2t, t2i = retrieval_accuracy(image, text, keys)
         metrics = {"loss": loss.item(), "logit_scale": t.exp().item(), "acc_i2t": i2t, "acc_t2i": t2i}
+        metrics |= metrics_extra
         if b is not None:
             metrics["logit_bias"] = b.item()
         return loss, metrics

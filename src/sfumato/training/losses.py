@@ -29,16 +29,25 @@ from sfumato.models.vae import DiagonalGaussian
 # Contrastive image-text objectives
 
 
-def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def clip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    negatives: torch.Tensor | None = None,
+    negative_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Symmetric InfoNCE of CLIP (Radford et al. 2021, Figure 3), averaged over both directions.
 
     image_features, text_features: (N, D), row i of each is a matching pair; normalised here.
     logit_scale: the learnable *log* temperature t (`CLIP.logit_scale`); logits = exp(t) * I_e @ T_e^T.
+    negatives: optional (M, D) features of texts that describe no image of the batch (hard negatives, as in
+        NegCLIP, Yuksekgonul et al. 2023): extra columns of the image -> text direction only.
+    negative_mask: optional (M,) bool, False for negatives to ignore (their logits become -inf).
 
-        logits = exp(t) * norm(I) @ norm(T)^T          # (N, N), entry (i, j) = image i vs text j
-        loss   = (CE(logits, arange(N)) + CE(logits^T, arange(N))) / 2
+        logits = exp(t) * norm(I) @ norm([T; Neg])^T   # (N, N + M), entry (i, j) = image i vs text j
+        loss   = (CE(logits, arange(N)) + CE(logits[:, :N]^T, arange(N))) / 2
 
-    The first cross-entropy picks each image's caption among the N texts (rows), the second each caption's
+    The first cross-entropy picks each image's caption among the texts (rows), the second each caption's
     image among the N images (columns).
     """
     _check_pairs(image_features, text_features)
@@ -46,7 +55,13 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     text = F.normalize(text_features, dim=-1)
     logits = logit_scale.exp() * image @ text.t()  # (N, D) @ (D, N) -> (N, N)
     labels = torch.arange(logits.shape[0], device=logits.device)
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+    i2t = logits
+    if negatives is not None:
+        extra = logit_scale.exp() * image @ F.normalize(negatives, dim=-1).t()  # (N, M)
+        if negative_mask is not None:
+            extra = extra.masked_fill(~negative_mask.to(extra.device)[None, :], float("-inf"))
+        i2t = torch.cat([logits, extra], dim=1)  # (N, N + M)
+    return 0.5 * (F.cross_entropy(i2t, labels) + F.cross_entropy(logits.t(), labels))
 
 
 def siglip_loss(
