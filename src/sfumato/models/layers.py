@@ -29,8 +29,103 @@ class GroupNorm32(nn.GroupNorm):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype == torch.float32:  # the common case: no casts, no extra calls
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         w, b = self.weight.float(), self.bias.float()
         return F.group_norm(x.float(), self.num_groups, w, b, self.eps).type(x.dtype)
+
+
+# Switches for the inference fast paths below, all on; benchmarks/ablation.py turns each off to measure it.
+FAST_CONV = True  # weight-bound and 1x1 convolutions as matrix products (`conv2d`)
+FAST_UPSAMPLE = True  # nearest 2x upsampling + 3x3 conv as one 2x2 convolution of four phases
+INPLACE = True  # SiLU and residual sums overwrite fresh intermediates when no autograd graph is recorded
+
+
+def _inference() -> bool:
+    """True where no autograd graph is being recorded, so intermediates may be overwritten in place."""
+    return INPLACE and not torch.is_grad_enabled()
+
+
+# A 3x3 convolution becomes one matrix product (im2col) when its weight has at least this many times more
+# output channels than the product has columns (B * H_out * W_out); measured on a 2-core CPU, see Conv2d.
+GEMM_CONV_RATIO = 8
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int = 1,
+           padding: int = 0) -> torch.Tensor:  # fmt: skip
+    """`F.conv2d` without autograd on the CPU, computed as a matrix product where that is faster.
+
+    On the CPU, oneDNN convolution re-lays out the weight on every call; where the weight is large and the
+    feature map small (the 1280-channel 4x4 and 8x8 levels of the SD U-Net at 256 px), that dominates, and
+    im2col (`F.unfold`) followed by one `addmm` on the weight as stored is 1.3-2.4x faster. 1x1 convolutions
+    (no padding, stride 1) are a batched matrix product, which avoids torch's slow im2col path for them.
+    Both are the same sums in another order (float32 rounding differs, about 1e-6 relative).
+    """
+    if not FAST_CONV:
+        return F.conv2d(x, weight, bias, stride, padding)
+    B, C, H, W = x.shape
+    Co, _, kh, kw = weight.shape
+    if (kh, kw, stride, padding) == (1, 1, 1, 0):
+        out = torch.matmul(weight.view(Co, C), x.reshape(B, C, H * W))  # (Co, C) @ (B, C, HW) -> (B, Co, HW)
+        if bias is not None:
+            out += bias[:, None]
+        return out.view(B, Co, H, W)
+    Ho, Wo = (H + 2 * padding - kh) // stride + 1, (W + 2 * padding - kw) // stride + 1
+    n = B * Ho * Wo
+    if Co < GEMM_CONV_RATIO * n:
+        return F.conv2d(x, weight, bias, stride, padding)
+    cols = F.unfold(x, (kh, kw), padding=padding, stride=stride)  # (B, C*kh*kw, Ho*Wo)
+    cols = cols.transpose(0, 1).reshape(C * kh * kw, n)  # (B, K, L) -> (K, B*L)
+    w = weight.view(Co, C * kh * kw)
+    out = torch.mm(w, cols) if bias is None else torch.addmm(bias[:, None], w, cols)  # (Co, B*L)
+    return out.view(Co, B, Ho, Wo).transpose(0, 1).contiguous()  # (Co, B, Ho, Wo) -> (B, Co, Ho, Wo)
+
+
+class Conv2d(nn.Conv2d):
+    """`nn.Conv2d` (same parameters, same checkpoint keys) that runs `conv2d` above when no gradient is
+    recorded on the CPU; everything else is `nn.Conv2d.forward`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            not FAST_CONV
+            or torch.is_grad_enabled()
+            or x.device.type != "cpu"
+            or x.ndim != 4
+            or self.groups != 1
+            or self.padding_mode != "zeros"
+            or self.dilation != (1, 1)
+            or isinstance(self.padding, str)
+            or self.stride[0] != self.stride[1]
+            or self.padding[0] != self.padding[1]
+        ):
+            return super().forward(x)
+        return conv2d(x, self.weight, self.bias, self.stride[0], self.padding[0])
+
+
+def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Nearest 2x upsampling followed by a 3x3 convolution (padding 1), computed on x without upsampling it.
+
+    Each output phase (row parity a, column parity b) of the upsampled-then-convolved map is a 2x2 convolution
+    of x whose taps are sums of the 3x3 taps: even rows 2i read x rows (i-1, i) with row taps (w0, w1 + w2),
+    odd rows 2i+1 read (i, i+1) with (w0 + w1, w2); columns alike. One convolution with the four phase
+    kernels stacked (4*Co outputs, 2x2, padding 1) gives all phases: 16 instead of 36 multiply-adds per input
+    pixel and channel pair, and no 4x larger input. The same sums, grouped differently (float32 rounding
+    differs, about 1e-6 relative). x: (B, C, H, W) -> (B, Co, 2H, 2W).
+    """
+    B, C, H, W = x.shape
+    Co = weight.shape[0]
+    r0, r1, r2 = weight.unbind(2)  # rows of the kernel, each (Co, C, 3)
+    kernels = []
+    for rows in ((r0, r1 + r2), (r0 + r1, r2)):  # row phase 0, 1
+        k = torch.stack(rows, 2)  # (Co, C, 2, 3)
+        c0, c1, c2 = k.unbind(3)
+        kernels += [torch.stack((c0, c1 + c2), 3), torch.stack((c0 + c1, c2), 3)]  # column phase 0, 1
+    k = torch.cat(kernels)  # 4 x (Co, C, 2, 2) -> (4*Co, C, 2, 2), phase (a, b) at block 2a + b
+    y = conv2d(x, k, None if bias is None else bias.repeat(4), 1, 1)  # (B, 4*Co, H+1, W+1)
+    # phase (a, b) is y's block 2a + b at offset (a, b); interleave: (2, 2, B, Co, H, W) -> (B, Co, 2H, 2W)
+    phases = torch.stack([y[:, (2 * a + b) * Co : (2 * a + b + 1) * Co, a : a + H, b : b + W]
+                          for a in (0, 1) for b in (0, 1)])  # fmt: skip
+    return phases.view(2, 2, B, Co, H, W).permute(2, 3, 4, 0, 5, 1).reshape(B, Co, 2 * H, 2 * W)
 
 
 def group_norm(channels: int, eps: float) -> GroupNorm32:
@@ -86,11 +181,14 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         """``size``: the output (H', W') when it is not exactly 2x, e.g. (2H - 1) to meet a U-Net skip whose
         side was odd before its stride-2 downsampling (diffusers' ``upsample_size``)."""
+        exact2x = size is None or tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1])
+        if exact2x and FAST_UPSAMPLE and x.device.type == "cpu":  # in training too: autograd sums the taps
+            return upsample_conv(x, self.conv.weight, self.conv.bias)
         if size is None:
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (B, C, H, W) -> (B, C, 2H, 2W)
         else:
@@ -108,7 +206,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)  # (B, C, H, W) -> (B, C, H/2, W/2)
@@ -124,25 +222,32 @@ class ResBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, emb_channels: int, dropout: float = 0.0):
         super().__init__()
         self.in_layers = nn.Sequential(
-            group_norm(in_channels, eps=1e-5), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, padding=1)
+            group_norm(in_channels, eps=1e-5), nn.SiLU(), Conv2d(in_channels, out_channels, 3, padding=1)
         )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
             group_norm(out_channels, eps=1e-5),
             nn.SiLU(),
             nn.Dropout(dropout),
-            zero_init_(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
+            zero_init_(Conv2d(out_channels, out_channels, 3, padding=1)),
         )
         # a 1x1 conv only where the width changes, as in ldm (no parameters otherwise)
         self.skip_connection = (
-            nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+            nn.Identity() if in_channels == out_channels else Conv2d(in_channels, out_channels, 1)
         )
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.in_layers(x)
-        h = h + self.emb_layers(emb).type(h.dtype)[:, :, None, None]  # (B, C) -> (B, C, 1, 1), broadcast
-        h = self.out_layers(h)
-        return self.skip_connection(x) + h
+        # The Sequentials' layers called one by one (they exist for their checkpoint names): without
+        # autograd, SiLU and the additions overwrite fresh intermediates instead of allocating new ones.
+        ip = _inference()
+        norm1, _, conv1 = self.in_layers
+        norm2, _, dropout, conv2 = self.out_layers
+        h = conv1(F.silu(norm1(x), inplace=ip))
+        e = self.emb_layers[1](F.silu(emb)).type(h.dtype)[:, :, None, None]  # (B, C) -> (B, C, 1, 1)
+        h = h.add_(e) if ip else h + e
+        h = conv2(dropout(F.silu(norm2(h), inplace=ip)))
+        skip = self.skip_connection(x)
+        return h.add_(skip) if ip else skip + h
 
 
 class CrossAttention(nn.Module):
@@ -234,7 +339,7 @@ class SpatialTransformer(nn.Module):
             self.proj_in = nn.Linear(channels, inner)
             self.proj_out = zero_init_(nn.Linear(inner, channels))
         else:
-            self.proj_in = nn.Conv2d(channels, inner, 1)
+            self.proj_in = Conv2d(channels, inner, 1)
             self.proj_out = zero_init_(nn.Conv2d(inner, channels, 1))
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, num_heads, head_dim, context_dim, dropout) for _ in range(depth)
@@ -290,7 +395,7 @@ class VAEDownsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.pad(x, (0, 1, 0, 1))  # (B, C, H, W) -> (B, C, H+1, W+1), zeros on the right and bottom
@@ -303,18 +408,20 @@ class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
         super().__init__()
         self.norm1 = group_norm(in_channels, eps=1e-6)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = group_norm(out_channels, eps=1e-6)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         self.nin_shortcut = (
-            nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+            nn.Identity() if in_channels == out_channels else Conv2d(in_channels, out_channels, 1)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.nin_shortcut(x) + h
+        ip = _inference()  # without autograd, SiLU and the sum overwrite fresh intermediates in place
+        h = self.conv1(F.silu(self.norm1(x), inplace=ip))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h), inplace=ip)))
+        skip = self.nin_shortcut(x)
+        return h.add_(skip) if ip else skip + h
 
 
 class AttnBlock(nn.Module):
@@ -323,10 +430,10 @@ class AttnBlock(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.norm = group_norm(channels, eps=1e-6)
-        self.q = nn.Conv2d(channels, channels, 1)
-        self.k = nn.Conv2d(channels, channels, 1)
-        self.v = nn.Conv2d(channels, channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.q = Conv2d(channels, channels, 1)
+        self.k = Conv2d(channels, channels, 1)
+        self.v = Conv2d(channels, channels, 1)
+        self.proj_out = Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from sfumato.models.layers import (
+    Conv2d,
     Downsample,
     ResBlock,
     SpatialTransformer,
@@ -134,7 +135,7 @@ class UNet(nn.Module):
 
         # Down path. `skip_chans` records the width of every stage's output, consumed by the up path.
         self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(nn.Conv2d(c.in_channels, c.model_channels, 3, padding=1))]
+            [TimestepEmbedSequential(Conv2d(c.in_channels, c.model_channels, 3, padding=1))]
         )
         ch, skip_chans = c.model_channels, [c.model_channels]
         for level, mult in enumerate(c.channel_mult):
@@ -166,7 +167,7 @@ class UNet(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*stage))
 
         self.out = nn.Sequential(
-            group_norm(ch, eps=1e-5), nn.SiLU(), zero_init_(nn.Conv2d(ch, c.out_channels, 3, padding=1))
+            group_norm(ch, eps=1e-5), nn.SiLU(), zero_init_(Conv2d(ch, c.out_channels, 3, padding=1))
         )
 
     def forward(
@@ -205,7 +206,7 @@ class UNet(nn.Module):
         if t.shape != (B,):
             raise ValueError(f"t must be a scalar or have shape ({B},), got {tuple(t.shape)}")
 
-        dtype = self.time_embed[0].weight.dtype
+        dtype = self.input_blocks[0][0].weight.dtype  # a conv's: Linear weights may be int8-quantised
         emb = self.time_embed(timestep_embedding(t, c.model_channels).to(dtype))  # (B,) -> (B, 4*mc)
         if y is not None:
             emb = emb + self.label_emb(y.to(dtype))
