@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sfumato.models.layers import AttnBlock, ResnetBlock, Upsample, VAEDownsample, group_norm
+from sfumato.models.layers import AttnBlock, Conv2d, ResnetBlock, Upsample, VAEDownsample, group_norm
 
 
 @dataclass
@@ -93,7 +93,7 @@ class Encoder(nn.Module):
 
     def __init__(self, c: VAEConfig):
         super().__init__()
-        self.conv_in = nn.Conv2d(c.in_channels, c.ch, 3, padding=1)
+        self.conv_in = Conv2d(c.in_channels, c.ch, 3, padding=1)
         self.down = nn.ModuleList()
         ch = c.ch
         for level, mult in enumerate(c.ch_mult):
@@ -110,7 +110,7 @@ class Encoder(nn.Module):
         self.mid.attn_1 = AttnBlock(ch)
         self.mid.block_2 = ResnetBlock(ch, ch, c.dropout)
         self.norm_out = group_norm(ch, eps=1e-6)
-        self.conv_out = nn.Conv2d(ch, 2 * c.z_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch, 2 * c.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -129,7 +129,7 @@ class Decoder(nn.Module):
     def __init__(self, c: VAEConfig):
         super().__init__()
         ch = c.ch * c.ch_mult[-1]
-        self.conv_in = nn.Conv2d(c.z_channels, ch, 3, padding=1)
+        self.conv_in = Conv2d(c.z_channels, ch, 3, padding=1)
         self.mid = nn.Module()
         self.mid.block_1 = ResnetBlock(ch, ch, c.dropout)
         self.mid.attn_1 = AttnBlock(ch)
@@ -146,7 +146,7 @@ class Decoder(nn.Module):
             ups.append(up)
         self.up = nn.ModuleList(reversed(ups))  # indexed by level, 0 = full resolution (ldm order)
         self.norm_out = group_norm(ch, eps=1e-6)
-        self.conv_out = nn.Conv2d(ch, c.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch, c.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(z)
@@ -159,6 +159,18 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
+def _ramp(n: int, width: int, rise: bool, fall: bool) -> torch.Tensor:
+    """(n,) weights: 1, rising linearly over the first `width` entries if `rise`, falling over the last if `fall`."""
+    w = torch.ones(n)
+    width = min(width, n)
+    ramp = (torch.arange(width) + 0.5) / width  # (0, 1), never exactly 0: every pixel keeps some weight
+    if rise:
+        w[:width] = torch.minimum(w[:width], ramp)
+    if fall:
+        w[n - width :] = torch.minimum(w[n - width :], ramp.flip(0))
+    return w
+
+
 class AutoencoderKL(nn.Module):
     """The SD image autoencoder: `encode(x) -> DiagonalGaussian`, `decode(z) -> x`, on unscaled latents."""
 
@@ -168,8 +180,8 @@ class AutoencoderKL(nn.Module):
         z = config.z_channels
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
-        self.quant_conv = nn.Conv2d(2 * z, 2 * z, 1)
-        self.post_quant_conv = nn.Conv2d(z, z, 1)
+        self.quant_conv = Conv2d(2 * z, 2 * z, 1)
+        self.post_quant_conv = Conv2d(z, z, 1)
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """Posterior over unscaled latents for images x (B, in_channels, H, W) in [-1, 1]."""
@@ -186,6 +198,42 @@ class AutoencoderKL(nn.Module):
         if z.ndim != 4 or z.shape[1] != self.config.z_channels:
             raise ValueError(f"expected latents (B, {self.config.z_channels}, h, w), got {tuple(z.shape)}")
         return self.decoder(self.post_quant_conv(z))
+
+    def decode_tiled(self, z: torch.Tensor, tile: int = 64, overlap: int = 16) -> torch.Tensor:
+        """`decode` in overlapping tiles of `tile` x `tile` latents, cross-faded over `overlap` latents.
+
+        Peak memory is that of decoding one tile, whatever the image size (a 1024 px SD image: 128² latents,
+        nine 64² tiles). Not exact: each tile's GroupNorms and mid-block attention see only the tile, so the
+        result differs from `decode` (most near the seams; benchmarks/vae_tiled.py measures it). The defaults
+        are diffusers' (`enable_vae_tiling`: 512 px tiles, a quarter overlap); its blending differs.
+        """
+        if not 0 <= overlap < tile:
+            raise ValueError(f"overlap must be in [0, tile), got overlap={overlap} with tile={tile}")
+        B, _, h, w = z.shape
+        if h <= tile and w <= tile:
+            return self.decode(z)
+        f, stride = self.config.downsample_factor, tile - overlap
+
+        def starts(n: int) -> list[int]:  # tile origins covering [0, n), the last one flush with the end
+            if n <= tile:
+                return [0]
+            s = list(range(0, n - tile, stride))
+            return s + [n - tile]
+
+        ys, xs = starts(h), starts(w)
+        out = z.new_zeros(B, self.config.out_channels, h * f, w * f)
+        total = z.new_zeros(h * f, w * f)
+        for y0 in ys:
+            for x0 in xs:
+                th, tw = min(tile, h - y0), min(tile, w - x0)
+                img = self.decode(z[:, :, y0 : y0 + th, x0 : x0 + tw])  # (B, C, th*f, tw*f)
+                # weight 1 inside, a linear ramp over the overlap on each side that meets another tile
+                wy = _ramp(th * f, overlap * f, y0 > 0, y0 + th < h).to(z)
+                wx = _ramp(tw * f, overlap * f, x0 > 0, x0 + tw < w).to(z)
+                weight = wy[:, None] * wx[None, :]  # (th*f, tw*f)
+                out[:, :, y0 * f : (y0 + th) * f, x0 * f : (x0 + tw) * f] += img * weight
+                total[y0 * f : (y0 + th) * f, x0 * f : (x0 + tw) * f] += weight
+        return out / total
 
     def forward(
         self, x: torch.Tensor, generator: torch.Generator | None = None

@@ -272,6 +272,9 @@ class StableDiffusion:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         source: str | Path | None = None,
+        vae_tiling: bool | int = False,
+        int8: bool = False,
+        compile: bool = False,
     ):
         self.bundle = bundle
         self.device, self.dtype = torch.device(device), dtype
@@ -282,6 +285,42 @@ class StableDiffusion:
         self.schedule = bundle.schedule
         self.source = Path(source) if source is not None else None
         self._hash: str | None = None
+        self.vae_tile: int | None = None
+        self.optimize(vae_tiling=vae_tiling, int8=int8, compile=compile)
+
+    def optimize(self, *, vae_tiling: bool | int = False, int8: bool = False, compile: bool = False) -> StableDiffusion:
+        """Opt-in memory and speed options (all off by default); returns the pipeline. benchmarks/speed_options.py
+        measures what each buys and costs.
+
+        vae_tiling: decode in overlapping tiles (True: 64 latents, 512 px for SD; an int: that many latents), so
+            decoding memory no longer grows with the image: a 1024 px image decodes in ~2 GB. Tiles see only
+            themselves through the VAE's GroupNorms and attention, so images change slightly near the seams.
+        int8: dynamic int8 quantisation of the U-Net's and text encoder's Linear layers
+            (`torch.ao.quantization.quantize_dynamic`: int8 weights, activations quantised per call). Faster on
+            CPUs with int8 dot products, approximate (see the benchmark for the error). Replaces the layers in
+            place, in the bundle's modules too; CPU only.
+        compile: `torch.compile` the U-Net. The first generation at each new size pays the compilation
+            (tens of seconds to minutes); the results match eager float32 to rounding.
+        """
+        if vae_tiling:
+            self.vae_tile = 64 if vae_tiling is True else int(vae_tiling)
+            if self.vae_tile < 8:
+                raise ValueError(f"vae_tiling must be True or a tile size of at least 8 latents, got {vae_tiling}")
+        if int8:
+            if self.device.type != "cpu" or self.dtype != torch.float32:
+                raise ValueError(f"int8=True needs a float32 pipeline on the CPU, got {self.dtype} on {self.device}")
+            import warnings
+
+            from torch.ao.quantization import quantize_dynamic
+
+            with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao
+                warnings.simplefilter("ignore", DeprecationWarning)
+                warnings.simplefilter("ignore", UserWarning)
+                for module in (self.unet, self.text_encoder):
+                    quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+        if compile:
+            self.unet = torch.compile(self.unet)
+        return self
 
     @classmethod
     def from_pretrained(
@@ -391,7 +430,11 @@ class StableDiffusion:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         """PIL images from diffusion latents (scaled by the VAE's scaling factor)."""
-        x = self.vae.decode(latents.to(self.device, self.dtype) / self.scaling_factor)
+        z = latents.to(self.device, self.dtype) / self.scaling_factor
+        if self.vae_tile is not None:
+            x = self.vae.decode_tiled(z, self.vae_tile, self.vae_tile // 4)
+        else:
+            x = self.vae.decode(z)
         return tensor_to_images(x.float().cpu())
 
     def _load_images(self, image, n: int, size: tuple[int, int] | None) -> tuple[torch.Tensor, tuple[int, int]]:
