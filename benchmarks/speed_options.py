@@ -1,0 +1,162 @@
+"""The opt-in faster-than-exact / lower-memory modes, each with its speed-up and its measured output error.
+
+- **int8**: `torch.ao.quantization.quantize_dynamic` on the Linear layers (what `StableDiffusion(int8=True)`
+  does) of the U-Net (one CFG step) and of the ViT-L text encoder; against our float32 model, alternately.
+  Error: max |Δ| and relative L2 of the output.
+- **compile**: `torch.compile(unet)` (default inductor mode, what `compile=True` does); the first call's
+  time is the warm-up cost; then alternately against eager. Error: max |Δ|.
+- **tiled VAE decode** (`AutoencoderKL.decode_tiled`, `vae_tiling=True`: 64-latent tiles, 16 overlap) of a
+  1024² image against the full decode, each in a fresh process for its peak RSS; seam error: max and mean
+  |Δ| in 8-bit levels and PSNR of the tiled image against the full one. Random weights (the SD VAE
+  configuration): GroupNorm statistics of a random decoder vary more from tile to tile than a trained
+  one's, so this error is a pessimistic figure.
+Weights: those of unet_step.py / vae_clip.py (diffusers-built, converted).
+
+    .venv/bin/python benchmarks/speed_options.py [--quick] [--threads 2] [--repeat 3] [--only int8,compile,tiled]
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _bench  # noqa: E402
+import unet_step  # noqa: E402
+import vae_clip  # noqa: E402
+
+
+def unet_case(case: str):
+    config, side, tokens = unet_step.CASES[case]
+    model = unet_step.ours_from(unet_step.reference(unet_step.shipped_config() if config is None else config))
+    x, t, ctx = unet_step.inputs(model.config.in_channels, side, tokens, model.config.context_dim)
+    return model, (x, t, ctx)
+
+
+def quantized(model):
+    import warnings
+
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def report(name: str, med: dict, out: dict, fast: str, extra: str = "") -> None:
+    a, b = out["exact"].double(), out[fast].double()
+    rel = ((a - b).norm() / a.norm()).item()
+    print(f"  {name:<34} float32 {med['exact']:8.3f} s  {fast} {med[fast]:8.3f} s  speed-up x{med['exact'] / med[fast]:.2f}"
+          f"  max |Δ| {(a - b).abs().max().item():.1e}  rel L2 {rel:.1e}{extra}", flush=True)  # fmt: skip
+
+
+def timed(fns: dict, repeat: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Median seconds and last output of each no-argument callable, run alternately."""
+    out = {}
+    calls = {k: (lambda k=k, f=f: out.__setitem__(k, f())) for k, f in fns.items()}
+    with torch.inference_mode():
+        return _bench.alternate(calls, repeat), out
+
+
+def int8_calls(case: str) -> dict:
+    if case == "clip-vit-l":
+        model = vae_clip.ours_text(vae_clip.reference_text())
+        ids, q = vae_clip.inputs(case), quantized(model)
+        return {"exact": lambda: model(ids).last_hidden_state, "int8": lambda: q(ids).last_hidden_state}
+    model, args = unet_case(case)
+    q = quantized(model)
+    return {"exact": lambda: model(*args), "int8": lambda: q(*args)}
+
+
+def bench_int8(cases: list[str], repeat: int) -> None:
+    print("int8 dynamic quantisation of Linear layers:")
+    for case in cases:
+        med, out = timed(int8_calls(case), repeat)
+        report(case, med, out, "int8")
+
+
+def compile_calls(case: str) -> tuple[dict, float]:
+    model, args = unet_case(case)
+    compiled = torch.compile(model)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        compiled(*args)
+        warm = time.perf_counter() - t0
+    return {"exact": lambda: model(*args), "compiled": lambda: compiled(*args)}, warm
+
+
+def bench_compile(cases: list[str], repeat: int) -> None:
+    print("torch.compile (inductor, default mode):")
+    for case in cases:
+        fns, warm = compile_calls(case)
+        med, out = timed(fns, repeat)
+        report(case, med, out, "compiled", f"  first call (compilation) {warm:.1f} s")
+
+
+def child(mode: str, weights: str, side: str, tile: str, out_path: str) -> None:
+    from sfumato.checkpoints.native import load_model
+
+    base = _bench.rss_mb()
+    vae = load_model(weights)
+    z = torch.randn(1, 4, int(side) // 8, int(side) // 8, generator=torch.Generator().manual_seed(1))
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        x = vae.decode(z) if mode == "full" else vae.decode_tiled(z, int(tile), int(tile) // 4)
+    seconds = time.perf_counter() - t0
+    torch.save(x, out_path)
+    print(f'{{"seconds": {seconds}, "peak_mb": {_bench.peak_mb()}, "base_mb": {base}}}')
+
+
+def bench_tiled(side: int, tile: int, threads: int) -> None:
+    from sfumato.checkpoints.native import save_model
+
+    print(
+        f"tiled VAE decode, {side}² image ({side // 8}² latents), {tile}-latent tiles, {tile // 4} overlap:"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = str(Path(tmp) / "vae.safetensors")
+        save_model(vae_clip.ours_vae(vae_clip.reference_vae()), weights)
+        res, img = {}, {}
+        for mode in ("full", "tiled"):
+            out_path = str(Path(tmp) / f"{mode}.pt")
+            res[mode] = _bench.child_peak(__file__, [mode, weights, str(side), str(tile), out_path], threads)
+            img[mode] = torch.load(out_path).double().clamp(-1, 1)
+    for mode in ("full", "tiled"):
+        print(f"  {mode:<6} {res[mode]['seconds']:8.1f} s   peak RSS {res[mode]['peak_mb']:7.0f} MB "
+              f"(after imports {res[mode]['base_mb']:.0f} MB)")  # fmt: skip
+    d = (img["tiled"] - img["full"]).abs() * 127.5  # [-1, 1] -> 8-bit levels
+    psnr = 10 * torch.log10(255**2 / (d**2).mean()).item()
+    print(f"  seam error vs full decode: max |Δ| {d.max().item():.1f}/255, mean |Δ| {d.mean().item():.2f}/255, "
+          f"PSNR {psnr:.1f} dB")  # fmt: skip
+
+
+def main() -> None:
+    if "--child" in sys.argv:
+        i = sys.argv.index("--child")
+        _bench.set_threads(int(sys.argv[sys.argv.index("--threads") + 1]))
+        return child(*sys.argv[i + 1 : i + 6])
+    ap = _bench.parser(__doc__)
+    ap.add_argument("--only", default="int8,compile,tiled")
+    ap.add_argument("--int8-cases", default="sd15-256,shipped-32px,clip-vit-l")
+    ap.add_argument("--compile-cases", default="shipped-32px,sd15-256")
+    args = ap.parse_args()
+    threads = _bench.set_threads(args.threads)
+    repeat = args.repeat or (1 if args.quick else 3)
+    print(_bench.machine())
+    print(f"medians of {repeat} alternating runs")
+    only = args.only.split(",")
+    if "int8" in only:
+        bench_int8(["shipped-32px"] if args.quick else args.int8_cases.split(","), repeat)
+    if "compile" in only:
+        bench_compile(["shipped-32px"] if args.quick else args.compile_cases.split(","), repeat)
+    if "tiled" in only:
+        bench_tiled(256 if args.quick else 1024, 16 if args.quick else 64, threads)
+
+
+if __name__ == "__main__":
+    main()
