@@ -1011,6 +1011,14 @@ def build_parser() -> argparse.ArgumentParser:
     shp.add_argument("--device", default="cpu", help="torch device (default cpu), e.g. cuda, cuda:1, mps")
     shp.add_argument("--dtype", choices=DTYPES, default="float32", help="weights' dtype (default float32)")
     shp.set_defaults(func=_eval_shapes, user_errors=True, prediction=None)
+
+    from .server.main import add_serve_arguments, serve_main  # argparse only; the server's stack loads on run
+
+    srv = sub.add_parser("serve", help="HTTP service: A1111 and OpenAI image APIs and a web page",
+                         description="One model loaded once, one generation worker with a bounded queue. "
+                         "Listens on 127.0.0.1 unless --listen; see README 'HTTP service'.")  # fmt: skip
+    add_serve_arguments(srv)
+    srv.set_defaults(func=serve_main)
     return p
 
 
