@@ -726,7 +726,8 @@ def zero_shot(clip, items: Sequence[tuple[Image.Image, Mapping]]) -> dict:
             "accuracy": round(sum(right) / len(right), 4), "n": len(right), "chance": round(1 / len(names), 4),
             "accuracy_heldout_pairs": round(sum(right_held) / len(right_held), 4) if right_held else None,
             "n_heldout_pairs": len(right_held),
-            "classes": f"'a {{{attribute}}} ...' captions averaged over every {'shape' if attribute == 'color' else 'colour'}",
+            "classes": "'a {color} {shape}' captions (the data set's article), averaged over every "
+            + ("shape" if attribute == "color" else "colour"),
             "images": f"real images whose objects all share one {attribute}",
         }  # fmt: skip
     return out
