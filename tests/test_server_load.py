@@ -49,7 +49,7 @@ def server_processes(n: int, model, outdir, *extra: str):
                    "--outdir", str(outdir), "--log-level", "warning", *extra]  # fmt: skip
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             started.append((proc, f"http://127.0.0.1:{port}/"))
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 240  # generous: a busy 2-core machine starts torch slowly
         for proc, url in started:
             while True:
                 if proc.poll() is not None:
@@ -60,7 +60,7 @@ def server_processes(n: int, model, outdir, *extra: str):
                 except httpx.TransportError:
                     pass
                 if time.monotonic() > deadline:
-                    raise RuntimeError("server did not start within 60 s")
+                    raise RuntimeError("server did not start within 240 s")
                 time.sleep(0.1)
         yield started
     finally:
@@ -86,7 +86,7 @@ def test_load_every_request_completes_or_is_refused_and_memory_stays_flat(tiny_b
     clients = int(os.environ.get("SFUMATO_LOADTEST_CLIENTS", 5))
     per_client = int(os.environ.get("SFUMATO_LOADTEST_REQUESTS", 6))
     max_queue = os.environ.get("SFUMATO_LOADTEST_QUEUE", "2")
-    time_limit = 120.0  # the whole test stops by itself
+    time_limit = 300.0  # the whole test stops by itself
     with server_processes(1, tiny_bundle_path, tmp_path / "out", "--max-queue", max_queue, "--preview-interval", "-1") as [
         (proc, url)
     ]:
@@ -100,7 +100,7 @@ def test_load_every_request_completes_or_is_refused_and_memory_stays_flat(tiny_b
                 time.sleep(0.05)
 
         # warm-up: one of each kind, so that lazy allocations (kernels, buffers) happen before we measure
-        with httpx.Client(base_url=url, timeout=60) as c:
+        with httpx.Client(base_url=url, timeout=180) as c:
             assert c.post("sdapi/v1/txt2img", json={"prompt": "a cat", "steps": 2, "width": SIZE, "height": SIZE,
                                                     "batch_size": 2}).status_code == 200  # fmt: skip
             assert c.post("v1/images/generations", json={"prompt": "a dog", "steps": 2, "n": 2}).status_code == 200
@@ -113,7 +113,7 @@ def test_load_every_request_completes_or_is_refused_and_memory_stays_flat(tiny_b
         started = time.monotonic()
 
         def client(i: int):
-            with httpx.Client(base_url=url, timeout=60) as c:
+            with httpx.Client(base_url=url, timeout=180) as c:
                 for k in range(per_client):
                     if time.monotonic() - started > time_limit:
                         return
@@ -132,7 +132,7 @@ def test_load_every_request_completes_or_is_refused_and_memory_stays_flat(tiny_b
                                                      "height": SIZE})  # fmt: skip
                         if r.status_code == 202:
                             job = r.json()["id"]
-                            while time.monotonic() - t < 60:
+                            while time.monotonic() - t < 180:
                                 s = c.get(f"api/jobs/{job}").json()
                                 if s["status"] not in ("queued", "running"):
                                     break
@@ -186,7 +186,7 @@ def test_two_replicas_serve_one_client_through_the_shared_output_folder(tiny_bun
     outdir = tmp_path / "shared"
     with server_processes(2, tiny_bundle_path, outdir) as [(_, a), (_, b)]:
         replicas = [a, b]
-        with httpx.Client(timeout=60) as c:
+        with httpx.Client(timeout=180) as c:
             # stateless requests: any replica gives the same image for the same request
             body = {"prompt": "a cat", "steps": 3, "width": SIZE, "height": SIZE, "seed": 5}
             images = [c.post(u + "sdapi/v1/txt2img", json=body).json()["images"][0] for u in replicas]
@@ -200,7 +200,7 @@ def test_two_replicas_serve_one_client_through_the_shared_output_folder(tiny_bun
                 jobs.append((r.json()["id"], replicas[(k + 1) % 2]))
             files = set()
             for job, other in jobs:
-                deadline = time.monotonic() + 60
+                deadline = time.monotonic() + 180
                 while (s := c.get(other + f"api/jobs/{job}").json())["status"] in ("queued", "running"):
                     assert time.monotonic() < deadline
                     time.sleep(0.05)
@@ -215,7 +215,7 @@ def test_two_replicas_serve_one_client_through_the_shared_output_folder(tiny_bun
 
             # a job running on replica a is cancelled through replica b
             long = c.post(a + "api/jobs", json={**body, "steps": 150}).json()["id"]
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + 180
             while c.get(b + f"api/jobs/{long}").json()["status"] != "running":
                 assert time.monotonic() < deadline
                 time.sleep(0.02)
