@@ -169,6 +169,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int)
     """
     B, Tq, C = q.shape
     hd = C // num_heads
+    # PyTorch's fused CPU attention (flash, O(T) memory) needs unit stride along hd; the VAE's pixel tokens
+    # arrive as a transposed (B, C, H*W) view whose hd stride is H*W, which falls back to the math path that
+    # holds the whole (Tq, Tk) matrix: 2.6 GB for a 256 px image of an f=2 VAE, out of memory at 512 px.
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     q = q.view(B, Tq, num_heads, hd).transpose(1, 2)  # (B, Tq, nh*hd) -> (B, nh, Tq, hd)
     k = k.view(B, k.shape[1], num_heads, hd).transpose(1, 2)  # (B, Tk, nh*hd) -> (B, nh, Tk, hd)
     v = v.view(B, v.shape[1], num_heads, hd).transpose(1, 2)  # (B, Tk, nh*hd) -> (B, nh, Tk, hd)
