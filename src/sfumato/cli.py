@@ -1018,7 +1018,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="One model loaded once, one generation worker with a bounded queue. "
                          "Listens on 127.0.0.1 unless --listen; see README 'HTTP service'.")  # fmt: skip
     add_serve_arguments(srv)
-    srv.set_defaults(func=serve_main)
+    srv.set_defaults(func=serve_main, user_errors=True)
     return p
 
 
