@@ -315,11 +315,15 @@ def test_bad_input_is_a_one_line_error_with_exit_code_2(capsys, tiny_bundle_path
     assert not list(tmp_path.iterdir())  # nothing half-written
 
 
-def test_model_errors(capsys, tmp_path, clip_path):
+def test_model_errors(capsys, tmp_path, clip_path, monkeypatch):
+    import sfumato.pipelines
+
     rc, _, err = run(capsys, "generate", "x", "--model", tmp_path / "nope.safetensors")
     assert rc == 2 and "nope.safetensors" in err
-    rc, _, err = run(capsys, "generate", "x")  # no model is shipped yet
-    assert rc == 2 and "--model" in err and len(err.splitlines()) == 1
+    # an installation whose shipped model went missing: one line that says to pass --model
+    monkeypatch.setattr(sfumato.pipelines, "SHIPPED_MODEL", tmp_path / "assets" / "shapes")
+    rc, _, err = run(capsys, "generate", "x")
+    assert rc == 2 and "--model" in err and "reinstall" in err and len(err.splitlines()) == 1
     rc, _, err = run(capsys, "generate", "x", "--model", clip_path)
     assert rc == 2 and "CLIP" in err
 

@@ -82,6 +82,7 @@ def percentile(values: list[float], q: float) -> float:
     return s[k]
 
 
+@pytest.mark.slow
 def test_load_every_request_completes_or_is_refused_and_memory_stays_flat(tiny_bundle_path, tmp_path):
     clients = int(os.environ.get("SFUMATO_LOADTEST_CLIENTS", 5))
     per_client = int(os.environ.get("SFUMATO_LOADTEST_REQUESTS", 6))
@@ -182,6 +183,7 @@ def test_load_every_request_completes_or_is_refused_and_memory_stays_flat(tiny_b
     assert peak - baseline < 96 * 2**20, report
 
 
+@pytest.mark.slow
 def test_two_replicas_serve_one_client_through_the_shared_output_folder(tiny_bundle_path, tmp_path):
     outdir = tmp_path / "shared"
     with server_processes(2, tiny_bundle_path, outdir) as [(_, a), (_, b)]:
