@@ -63,6 +63,7 @@ def test_negatives_join_the_image_to_text_softmax_only():
     assert clip_loss(image, text, t, text.clone()) > plain
 
 
+@pytest.mark.slow  # 15 s alone, ~2 min beside another worker: the slow stage
 def test_clip_task_with_hard_negatives_learns_to_prefer_the_true_relation():
     """Two squares, one above the other; captions say which colour is above ("a red square above a blue
     square" or "a blue square below a red square"). acc_hard, how often an image prefers its caption to the
