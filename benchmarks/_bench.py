@@ -104,29 +104,39 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 # peak memory in a fresh process
 
 
-def rss_mb() -> float:
-    """Current resident set size in MiB (Linux /proc; falls back to the peak)."""
+def _proc_status_mb(field: str) -> float | None:
+    """A "<field>: N kB" line of /proc/self/status in MiB, or None where there is no /proc."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return float("nan")
+    return None
+
+
+def rss_mb() -> float:
+    """Current resident set size in MiB (Linux /proc; NaN elsewhere)."""
+    mb = _proc_status_mb("VmRSS")
+    return float("nan") if mb is None else mb
 
 
 def peak_mb() -> float:
     """Peak resident set size of this process in MiB: /proc's VmHWM, which starts afresh at exec (ru_maxrss
     would carry over the parent's peak from before the fork)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    mb = _proc_status_mb("VmHWM")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if mb is None else mb  # KiB on Linux
+
+
+def child_argv(n: int) -> list[str] | None:
+    """In a `child_peak` subprocess: set its thread count and return the n arguments after --child; in the
+    parent (no --child on the command line): None."""
+    if "--child" not in sys.argv:
+        return None
+    set_threads(int(sys.argv[sys.argv.index("--threads") + 1]))
+    i = sys.argv.index("--child")
+    return sys.argv[i + 1 : i + 1 + n]
 
 
 def child_peak(script: str, args: list[str], threads: int) -> dict:

@@ -107,10 +107,8 @@ def count_gflops(ref, size: int, steps: int) -> float:
 
 
 def main() -> None:
-    if "--child" in sys.argv:
-        i = sys.argv.index("--child")
-        impl, folder, size, steps = sys.argv[i + 1 : i + 5]
-        _bench.set_threads(int(sys.argv[sys.argv.index("--threads") + 1]))
+    if (argv := _bench.child_argv(4)) is not None:
+        impl, folder, size, steps = argv
         return child(impl, folder, int(size), int(steps))
 
     ap = _bench.parser(__doc__)

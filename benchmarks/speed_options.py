@@ -136,10 +136,8 @@ def bench_tiled(side: int, tile: int, threads: int) -> None:
 
 
 def main() -> None:
-    if "--child" in sys.argv:
-        i = sys.argv.index("--child")
-        _bench.set_threads(int(sys.argv[sys.argv.index("--threads") + 1]))
-        return child(*sys.argv[i + 1 : i + 6])
+    if (argv := _bench.child_argv(5)) is not None:
+        return child(*argv)
     ap = _bench.parser(__doc__)
     ap.add_argument("--only", default="int8,compile,tiled")
     ap.add_argument("--int8-cases", default="sd15-256,shipped-32px,clip-vit-l")

@@ -116,10 +116,8 @@ def measure(ref, ours, side: int, tokens: int, repeat: int) -> tuple[float, dict
 
 
 def main() -> None:
-    if "--child" in sys.argv:
-        i = sys.argv.index("--child")
-        impl, folder, side, tokens = sys.argv[i + 1 : i + 5]
-        _bench.set_threads(int(sys.argv[sys.argv.index("--threads") + 1]))
+    if (argv := _bench.child_argv(4)) is not None:
+        impl, folder, side, tokens = argv
         return child(impl, folder, int(side), int(tokens))
 
     ap = _bench.parser(__doc__)

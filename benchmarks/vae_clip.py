@@ -138,10 +138,8 @@ def measure(case: str, ours, ref, repeat: int) -> tuple[float, dict[str, float],
 
 
 def main() -> None:
-    if "--child" in sys.argv:
-        i = sys.argv.index("--child")
-        _bench.set_threads(int(sys.argv[sys.argv.index("--threads") + 1]))
-        return child(*sys.argv[i + 1 : i + 4])
+    if (argv := _bench.child_argv(3)) is not None:
+        return child(*argv)
 
     ap = _bench.parser(__doc__)
     ap.add_argument("--cases", default=",".join(CASES))

@@ -14,9 +14,9 @@ SHIPPED_CLIP = SHIPPED_MODEL / "clip.safetensors"
 
 def default_model(task: str = "text-to-image") -> Path:
     """The shipped model's path for `task` ("text-to-image" or "classification"), or an error saying what to pass."""
-    path = SHIPPED_CLIP if task == "classification" else SHIPPED_MODEL
     if task not in ("text-to-image", "classification"):
         raise ValueError(f"unknown task {task!r}; choose 'text-to-image' or 'classification'")
+    path = SHIPPED_CLIP if task == "classification" else SHIPPED_MODEL
     if path.exists():
         return path
     what = "a sfumato bundle, a diffusers folder or an SD .safetensors file"
