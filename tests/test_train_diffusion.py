@@ -12,6 +12,7 @@ from PIL import Image
 import sfumato
 from sfumato.checkpoints.bundle import ScheduleConfig
 from sfumato.data.cache import build_latent_cache
+from sfumato.models.clip import CLIPTextModel
 from sfumato.models.unet import UNET_PRESETS, UNetConfig
 from sfumato.training.ddpm import DDPM_SCHEDULE, DDPMTask, load_ddpm, sample_images
 from sfumato.training.ldm import LDMTask
@@ -192,6 +193,54 @@ def test_ldm_preview_and_export_load(parts, tmp_path):
     # the exported U-Net is the trained one
     for k, v in task.trainable().state_dict().items():
         assert torch.equal(pipe.unet.state_dict()[k], v), k
+
+
+def test_ldm_with_trained_text_encoder(parts, tmp_path):
+    """train_text_encoder=True: the same loss as a frozen encoder at the start (same draws, "" for dropped
+    captions), then gradients reach a copy of the text encoder, which the bundle exports; the original and
+    the pooled projection stay as they were."""
+    data = SolidColours()
+    # the tiny bundle's tower has no projection; this one has, as a CLIP's text tower exported whole would
+    projected = CLIPTextModel(replace(parts.text_encoder.config, projection_dim=16))
+    missing, unexpected = projected.load_state_dict(parts.text_encoder.state_dict(), strict=False)
+    assert missing == ["text_projection.weight"] and not unexpected
+    parts = replace(parts, text_encoder=projected.eval().requires_grad_(False))
+    frozen = ldm_task(parts, caption_dropout=0.4)
+    joint = ldm_task(parts, caption_dropout=0.4, train_text_encoder=True)
+    joint.unet.load_state_dict(frozen.unet.state_dict())
+    model = joint.trainable()
+    assert model.unet is joint.unet and model.text_encoder is not parts.text_encoder
+    for step, indices in enumerate([[0, 1, 2, 3, 4, 5], [9, 3, 11]]):
+        batch = batch_of(data, indices)
+        with torch.no_grad():
+            a = frozen.loss(batch, BatchRandom(2, step, indices), step, frozen.trainable())[0]
+            b = joint.loss(batch, BatchRandom(2, step, indices), step, model)[0]
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+    original = {k: v.clone() for k, v in parts.text_encoder.state_dict().items()}
+    loss, _ = joint.loss(batch_of(data, range(8)), BatchRandom(0, 0, range(8)), 0, model)
+    loss.backward()
+    text = model.text_encoder
+    assert all(p.grad is not None for n, p in text.named_parameters() if not n.startswith("text_projection"))
+    assert all(p.grad is None and not p.requires_grad for p in text.text_projection.parameters())
+    model.zero_grad(set_to_none=True)
+
+    losses = train(joint, data, 10)
+    assert all(math.isfinite(v) for v in losses)
+    assert not torch.equal(text.state_dict()["text_model.embeddings.token_embedding.weight"],
+                           original["text_model.embeddings.token_embedding.weight"])  # fmt: skip
+    torch.testing.assert_close(text.text_projection.weight, original["text_projection.weight"], atol=0, rtol=0)
+    assert all(torch.equal(v, parts.text_encoder.state_dict()[k]) for k, v in original.items())
+
+    joint.export(model, tmp_path / "model")
+    pipe = sfumato.load(tmp_path / "model")
+    for k, v in text.state_dict().items():
+        assert torch.equal(pipe.text_encoder.state_dict()[k], v), k
+    for k, v in joint.unet.state_dict().items():
+        assert torch.equal(pipe.unet.state_dict()[k], v), k
+    (png,) = joint.preview(model, 10, tmp_path / "samples")
+    assert Image.open(png).size[0] == 2 * 128
+    assert model.training and model.text_encoder.training  # the preview gives the training mode back
 
 
 # --- the latent cache ---------------------------------------------------------------------------------

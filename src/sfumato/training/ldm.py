@@ -15,7 +15,10 @@ the sampler's reading of the network come from one place. With a `LatentCache`, 
 read from disk instead of computed, and the draws are the same, so the loss is the same (up to rounding).
 
 The frozen VAE and text encoder live on the task (eval mode, no gradients) and follow the U-Net to its
-device the first time a loss or preview runs there.
+device the first time a loss or preview runs there. With `train_text_encoder=True` a copy of the text
+encoder trains with the U-Net instead (`TextToImageModel`): a CLIP tower trained only on its pooled output
+need not make its token states say what the U-Net must read (a contrastive loss over small batches is met
+by a bag of words, and positions and relations get lost), and the diffusion loss can teach it that.
 """
 
 from __future__ import annotations
@@ -127,6 +130,20 @@ class TextContexts:
         return out
 
 
+class TextToImageModel(nn.Module):
+    """A U-Net and the text encoder that feeds it, trained as one module: forward takes token ids, so the
+    diffusion loss reaches the text encoder (and DDP sees both in one call)."""
+
+    def __init__(self, unet: UNet, text_encoder: CLIPTextModel):
+        super().__init__()
+        self.unet = unet
+        self.text_encoder = text_encoder
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        context = self.text_encoder(ids).last_hidden_state
+        return self.unet(x, t, context=context.to(x.dtype))
+
+
 def check_size(H: int, W: int, factor: int, what: str) -> None:
     if H % factor or W % factor:
         raise ValueError(
@@ -174,7 +191,11 @@ class LDMTask:
         is taken from the training images and written into the exported bundle.
     caption_dropout: probability that a caption is replaced by "" (classifier-free guidance; SD used 0.1).
     min_snr_gamma: Min-SNR-γ loss weighting (Hang et al. 2023; 5 is their choice), or None for L_simple.
-    cache: a `LatentCache` of this dataset under this VAE and text encoder (`build_latent_cache`).
+    cache: a `LatentCache` of this dataset under this VAE and text encoder (`build_latent_cache`); with
+        `train_text_encoder` only its latents are read.
+    train_text_encoder: train a copy of the text encoder with the U-Net (`TextToImageModel`); the exported
+        bundle then carries the trained copy. The text encoder's projection (pooled CLIP embedding) is not
+        part of a bundle's use and stays as it was.
     preview_*: the sample grid of `preview`: prompts x seeds, sampler, steps and guidance scale.
     """
 
@@ -198,6 +219,7 @@ class LDMTask:
         preview_guidance: float = 5.0,
         cache: LatentCache | None = None,
         unet: UNet | None = None,
+        train_text_encoder: bool = False,
     ):
         if unet is None:
             if unet_config is None:
@@ -238,6 +260,12 @@ class LDMTask:
         self.preview_guidance = preview_guidance
         self.cache = cache
         self.image_size: tuple[int, int] | None = None  # (H, W) of the training images, once seen
+        self.joint: TextToImageModel | None = None
+        if train_text_encoder:
+            trained = copy.deepcopy(text_encoder).train().requires_grad_(True)
+            if trained.text_projection is not None:  # unused by the loss: no gradient, and DDP would stall on it
+                trained.text_projection.requires_grad_(False)
+            self.joint = TextToImageModel(unet, trained)
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, **kwargs) -> LDMTask:
@@ -248,7 +276,7 @@ class LDMTask:
     # -- Task ---------------------------------------------------------------------------------------------
 
     def trainable(self) -> nn.Module:
-        return self.unet
+        return self.joint if self.joint is not None else self.unet
 
     def _to(self, device: torch.device) -> None:
         """Move the frozen parts to the U-Net's device (once; a no-op afterwards)."""
@@ -272,18 +300,23 @@ class LDMTask:
         noise = rng.randn(*latent_shape).to(device)  # 4.
 
         self._to(device)
+        cond = {}
+        if self.joint is not None:  # token ids: the trained text encoder runs inside the model's forward
+            cond["ids"] = self.text.tokenizer(["" if d else c for c, d in zip(captions, drop.tolist())]).to(device)
         with torch.no_grad():
             if self.cache is not None:
                 cached = self.cache.get(indices, device)
                 self.cache.check_images(indices, images, cached.thumb)
                 mean, std = cached.mean, cached.std
-                context = self.text.contexts(captions, drop, device, cached.context, cached.captions)
+                if self.joint is None:
+                    cond["context"] = self.text.contexts(captions, drop, device, cached.context, cached.captions)
             else:
                 posterior = self.vae.encode(images.to(device))
                 mean, std = posterior.mean.float(), posterior.std.float()
-                context = self.text.contexts(captions, drop, device)
+                if self.joint is None:
+                    cond["context"] = self.text.contexts(captions, drop, device)
             z0 = (mean + std * posterior_eps) * self.vae.config.scaling_factor
-        return {"z0": z0, "context": context, "t": t, "noise": noise, "drop": drop}
+        return {"z0": z0, "t": t, "noise": noise, "drop": drop, **cond}
 
     def loss(
         self, batch: dict, rng: BatchRandom, step: int, model: nn.Module
@@ -292,9 +325,8 @@ class LDMTask:
         x = self.prepare(batch, rng, device)
         # through `model`'s own forward, so that DDP sees the call and synchronises gradients
         denoiser = DiscreteDenoiser(model, self.train_schedule, self.schedule.prediction)
-        per_example = denoiser.loss(
-            x["z0"], t=x["t"], noise=x["noise"], min_snr_gamma=self.min_snr_gamma, context=x["context"]
-        )  # (B,)
+        cond = {"ids": x["ids"]} if "ids" in x else {"context": x["context"]}
+        per_example = denoiser.loss(x["z0"], t=x["t"], noise=x["noise"], min_snr_gamma=self.min_snr_gamma, **cond)
         loss = per_example.mean()
         metrics = {"loss": float(loss.detach()), "caption_dropped": float(x["drop"].float().mean())}
         metrics |= t_quartile_metrics(per_example, x["t"], self.train_schedule.num_timesteps)
@@ -309,11 +341,14 @@ class LDMTask:
         return replace(self.schedule, image_size=max(self.image_size))
 
     def bundle(self, model: nn.Module) -> Bundle:
-        """A `Bundle` of `model`'s U-Net (the EMA copy, say) with this task's frozen parts."""
-        unet = unwrap(model)
+        """A `Bundle` of `model`'s U-Net (the EMA copy, say; and its text encoder when they train together)
+        with this task's frozen parts."""
+        unet, text_encoder = unwrap(model), self.text.text_encoder
+        if isinstance(unet, TextToImageModel):
+            unet, text_encoder = unet.unet, unet.text_encoder
         if type(unet) is not UNet:
             raise TypeError(f"expected the task's UNet (or a wrapper of it), got {type(unet).__name__}")
-        return Bundle(unet=unet, vae=self.vae, text_encoder=self.text.text_encoder,
+        return Bundle(unet=unet, vae=self.vae, text_encoder=text_encoder,
                       tokenizer=self.text.tokenizer, schedule=self.export_schedule())  # fmt: skip
 
     @torch.no_grad()
