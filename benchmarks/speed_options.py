@@ -10,9 +10,14 @@
   |Δ| in 8-bit levels and PSNR of the tiled image against the full one. Random weights (the SD VAE
   configuration): GroupNorm statistics of a random decoder vary more from tile to tile than a trained
   one's, so this error is a pessimistic figure.
+- **preview decoder** (`models.preview`, a bundle's optional `preview_decoder.safetensors`): the cost of a
+  live preview. Against the SD VAE decoder at 512² (random weights: speed only), and against the shipped
+  model's VAE, whose preview decoder is trained (`sfumato train preview`): speed and PSNR of the preview
+  against the full decode, on the latents of 64 unseen shapes images.
 Weights: those of unet_step.py / vae_clip.py (diffusers-built, converted).
 
-    .venv/bin/python benchmarks/speed_options.py [--quick] [--threads 2] [--repeat 3] [--only int8,compile,tiled]
+    .venv/bin/python benchmarks/speed_options.py [--quick] [--threads 2] [--repeat 3]
+        [--only int8,compile,tiled,preview]
 """
 
 from __future__ import annotations
@@ -135,11 +140,42 @@ def bench_tiled(side: int, tile: int, threads: int) -> None:
           f"PSNR {psnr:.1f} dB")  # fmt: skip
 
 
+def bench_preview(side: int, repeat: int) -> None:
+    from sfumato.checkpoints.bundle import load_bundle
+    from sfumato.data import load_dataset
+    from sfumato.models.preview import PreviewDecoder, PreviewDecoderConfig
+    from sfumato.pipelines import default_model
+    from sfumato.training.vae import psnr
+
+    print("preview decoder against the VAE decoder:")
+    vae = vae_clip.ours_vae(vae_clip.reference_vae())
+    preview = PreviewDecoder(PreviewDecoderConfig.for_vae(vae.config)).eval()
+    z = torch.randn(1, 4, side // 8, side // 8, generator=torch.Generator().manual_seed(1))
+    med, _ = timed({"exact": lambda: vae.decode(z), "preview": lambda: preview(z)}, repeat)
+    gflop = [_bench.count_gflops(lambda m=m: m(z)) for m in (vae.decode, preview)]
+    print(f"  {f'SD VAE {side}² (random weights)':<34} VAE {med['exact']:8.3f} s  preview {med['preview']:8.4f} s  "
+          f"speed-up x{med['exact'] / med['preview']:.0f}  ({gflop[0]:.0f} vs {gflop[1]:.1f} GFLOP)")  # fmt: skip
+
+    bundle = load_bundle(default_model(), dtype=torch.float32)
+    if bundle.preview_decoder is None:
+        print("  the shipped model has no preview decoder")
+        return
+    held = load_dataset("shapes:7", image_size=32, size=64)
+    x = torch.stack([held[i]["image"] for i in range(64)])
+    with torch.inference_mode():
+        z = bundle.vae.encode(x).mode()
+    med, out = timed({"exact": lambda: bundle.vae.decode(z), "preview": lambda: bundle.preview_decoder(z)}, repeat)
+    quality = psnr(out["exact"].clamp(-1, 1), out["preview"]).mean().item()
+    print(f"  {'shipped model, 64 x 32²':<34} VAE {med['exact']:8.3f} s  preview {med['preview']:8.4f} s  "
+          f"speed-up x{med['exact'] / med['preview']:.1f}  PSNR of the preview vs the VAE's decode "
+          f"{quality:.1f} dB")  # fmt: skip
+
+
 def main() -> None:
     if (argv := _bench.child_argv(5)) is not None:
         return child(*argv)
     ap = _bench.parser(__doc__)
-    ap.add_argument("--only", default="int8,compile,tiled")
+    ap.add_argument("--only", default="int8,compile,tiled,preview")
     ap.add_argument("--int8-cases", default="sd15-256,shipped-32px,clip-vit-l")
     ap.add_argument("--compile-cases", default="shipped-32px,sd15-256")
     args = ap.parse_args()
@@ -154,6 +190,8 @@ def main() -> None:
         bench_compile(["shipped-32px"] if args.quick else args.compile_cases.split(","), repeat)
     if "tiled" in only:
         bench_tiled(256 if args.quick else 1024, 16 if args.quick else 64, threads)
+    if "preview" in only:
+        bench_preview(256 if args.quick else 512, repeat)
 
 
 if __name__ == "__main__":

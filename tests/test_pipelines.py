@@ -291,6 +291,29 @@ def test_guidance_below_one(pipe, photo):
             call()
 
 
+def test_default_guidance_is_the_models(tiny_bundle_path, photo):
+    """A model that names its guidance scale (schedule.json) is run at it when the call names none; others
+    at SD's 7.5; an explicit guidance wins. Checked through the CFG scale each image records."""
+    from dataclasses import replace
+
+    def scale(im) -> str:
+        return next(p for p in im.info["parameters"].split(", ") if p.startswith("CFG scale"))
+
+    sd = sfumato.load(tiny_bundle_path)
+    assert sd.default_guidance == 7.5 and scale(sd.generate(CAT, **FAST)[0]) == "CFG scale: 7.5"
+    own = sfumato.load(tiny_bundle_path)
+    own.schedule = replace(own.schedule, guidance=3.0)
+    assert own.default_guidance == 3.0
+    assert scale(own.generate(CAT, **FAST)[0]) == "CFG scale: 3.0"
+    assert scale(own.image_to_image(photo, CAT, **FAST)[0]) == "CFG scale: 3.0"
+    assert scale(own.inpaint(photo, photo, CAT, **FAST)[0]) == "CFG scale: 3.0"
+    assert scale(own.generate(CAT, guidance=6.0, **FAST)[0]) == "CFG scale: 6.0"
+    # and it is the guidance really used: the same image as asking for 3 by name
+    assert max_diff(own.generate(CAT, seed=1, **FAST)[0], sd.generate(CAT, seed=1, guidance=3.0, **FAST)[0]) == 0
+    with pytest.raises(ValueError, match="guidance must be None or >= 1"):
+        replace(own.schedule, guidance=0.5)
+
+
 def test_unknown_sampler(pipe, photo):
     listed = r"choose one of ddpm, ddim, euler, euler_ancestral, heun, dpmpp_2m"
     for call in (

@@ -17,9 +17,10 @@ from sfumato.training import recipes as R
 def test_train_pipeline_writes_a_model_that_generates(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "pipeline", "--preset", "tiny", "--out", str(out)]) == 0
-    for stage in ("vae", "clip", "ldm"):
+    for stage in ("vae", "clip", "ldm", "preview"):
         assert (out / stage / "final").is_dir() and (out / stage / "metrics.jsonl").is_file()
     pipe = sfumato.load(out / "model")
+    assert pipe.preview_decoder is not None and pipe.preview(pipe.generate("a", steps=2, output="latent"))
     image = pipe.generate("a red circle", steps=4, seed=0)[0]
     assert image.size == (32, 32)
     # a finished pipeline is not trained again; without --resume an existing folder is refused
@@ -45,6 +46,8 @@ def test_train_until_then_resume(tmp_path, capsys):
 def test_train_ldm_needs_its_frozen_parts(tmp_path, capsys):
     assert main(["train", "ldm", "--preset", "tiny", "--out", str(tmp_path / "ldm")]) == 2
     assert "--vae and --text-from" in capsys.readouterr().err
+    assert main(["train", "preview", "--preset", "tiny", "--out", str(tmp_path / "p")]) == 2
+    assert "needs --vae" in capsys.readouterr().err
     assert main(["train", "vae", "--preset", "nope", "--out", str(tmp_path / "x")]) == 2
     assert "choose one of tiny, shapes" in capsys.readouterr().err
 
@@ -69,7 +72,7 @@ def test_short_clip_run_on_shapes_classifies_colors_zero_shot(tmp_path):
     assert accuracy >= 0.5
 
 
-@pytest.mark.parametrize("task", ["vae", "clip", "ldm", "ddpm"])
+@pytest.mark.parametrize("task", ["vae", "clip", "ldm", "preview", "ddpm"])
 def test_every_recipe_is_valid(task):
     for name in R.RECIPES[task]:
         assert R.recipe(task, name).train.steps >= 1

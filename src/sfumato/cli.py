@@ -145,7 +145,7 @@ _SAMPLING_OPTIONS = {
     "guidance": (
         ("--guidance",),
         {"type": float, "metavar": "X"},
-        "classifier-free guidance scale, >= 1 (1 = off)",
+        "classifier-free guidance scale, >= 1 (1 = off; default: the model's own, else 7.5)",
     ),
     "sampler": (("--sampler",), {"choices": None}, "sampler"),  # choices filled in by _add_sampling_options
     "karras": (("--karras",), {"action": argparse.BooleanOptionalAction}, "Karras et al. 2022 sigma spacing"),
@@ -748,7 +748,8 @@ def _train(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if args.task == "pipeline":
-        steps = {t: n for t, n in (("vae", args.vae_steps), ("clip", args.clip_steps), ("ldm", args.ldm_steps)) if n}
+        steps = {t: n for t, n in (("vae", args.vae_steps), ("clip", args.clip_steps), ("ldm", args.ldm_steps),
+                                   ("preview", args.preview_steps)) if n}  # fmt: skip
         R.train_pipeline(args.data, out, args.preset, resume=args.resume, steps=steps)
         return 0
     r = R.recipe(args.task, args.preset)
@@ -768,7 +769,13 @@ def _train(args: argparse.Namespace) -> int:
                 "final/ folder (text_encoder.safetensors + tokenizer/); `sfumato train pipeline` does all three"
             )
         kw |= dict(vae=args.vae, text_encoder=src / "text_encoder.safetensors", tokenizer=src / "tokenizer")
-    fn = {"vae": R.train_vae, "clip": R.train_clip, "ldm": R.train_ldm, "ddpm": R.train_ddpm}[args.task]
+    if args.task == "preview":
+        if args.vae is None:
+            raise ValueError("sfumato train preview needs --vae: the VAE to imitate (vae.safetensors, a bundle, a "
+                             "diffusers folder or an SD single file)")  # fmt: skip
+        kw |= dict(vae=args.vae)
+    fn = {"vae": R.train_vae, "clip": R.train_clip, "ldm": R.train_ldm, "preview": R.train_preview,
+          "ddpm": R.train_ddpm}[args.task]  # fmt: skip
     result = fn(args.data, out, r, **kw)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports (and writes)
         return 0
@@ -825,12 +832,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser(
         "train",
-        help="train a VAE, CLIP/SigLIP, latent diffusion U-Net or pixel DDPM (or all of text-to-image)",
-        description="Train one component, or `pipeline` = VAE -> CLIP -> latent diffusion into one bundle. "
+        help="train a VAE, CLIP/SigLIP, latent diffusion U-Net, preview decoder or pixel DDPM (or all of "
+        "text-to-image)",
+        description="Train one component, or `pipeline` = VAE -> CLIP -> latent diffusion -> preview decoder into "
+        "one bundle. `preview` distils a VAE's decoder (--vae) into a tiny one for live previews; copy its "
+        "final/preview_decoder.safetensors into a bundle folder to use it. "
         "Runs write checkpoints to OUT/checkpoints and continue exactly with --resume. Under "
         "`torchrun --nproc_per_node N -m sfumato train ...` the run uses DDP (only rank 0 writes).",
     )
-    tr.add_argument("task", choices=["vae", "clip", "ldm", "ddpm", "pipeline"])
+    tr.add_argument("task", choices=["vae", "clip", "ldm", "preview", "ddpm", "pipeline"])
     tr.add_argument("--data", default="shapes", help="an image-caption folder, or shapes[:SEED] (built in)")
     tr.add_argument("--out", required=True, help="run folder (checkpoints, samples, metrics, final model)")
     tr.add_argument("--preset", default="shapes", help="recipe name: shapes (the shipped model's) or tiny")
@@ -844,11 +854,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default fp32")
     tr.add_argument("--workers", type=int, help="DataLoader worker processes")
     tr.add_argument("--seed", type=int, help="data order and noise seed (default 0)")
-    tr.add_argument("--vae", help="ldm: the trained VAE (vae.safetensors)")
+    tr.add_argument("--vae", help="ldm: the trained VAE (vae.safetensors); preview: the VAE to imitate (that, or "
+                    "any model sfumato loads: a bundle, a diffusers folder, an SD single file)")
     tr.add_argument("--text-from", help="ldm: a CLIP run's final/ folder (text_encoder.safetensors, tokenizer/)")
     tr.add_argument("--vae-steps", type=int, help="pipeline: VAE steps")
     tr.add_argument("--clip-steps", type=int, help="pipeline: CLIP steps")
     tr.add_argument("--ldm-steps", type=int, help="pipeline: latent diffusion steps")
+    tr.add_argument("--preview-steps", type=int, help="pipeline: preview decoder steps")
     tr.set_defaults(func=_train, user_errors=True)
 
     from .pipelines.clip import CLIPPipeline
@@ -994,7 +1006,7 @@ def build_parser() -> argparse.ArgumentParser:
     shp.add_argument("--out", required=True, metavar="DIR", help="folder for report.json and contact_sheet.png")
     shp.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     gen_defaults = _api_defaults(StableDiffusion.generate)
-    shp.add_argument("--guidance", type=float, help=f"guidance scale (default {gen_defaults['guidance']})")
+    shp.add_argument("--guidance", type=float, help="guidance scale (default: the model's own, else 7.5)")
     shp.add_argument("--sampler", choices=list(SAMPLERS), help=f"sampler (default {gen_defaults['sampler']})")
     shp.add_argument("--seeds", type=int, default=4, help="images per prompt (default 4)")
     shp.add_argument("--seed", type=int, default=0, help="base seed: image j of prompt k gets seed + k * seeds + j")

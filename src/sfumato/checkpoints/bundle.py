@@ -4,7 +4,9 @@
     vae.safetensors            native VAE (its scaling_factor is part of its config)
     text_encoder.safetensors   native CLIP text tower
     tokenizer/                 vocab.json + merges.txt + tokenizer_config.json (CLIPTokenizer.save)
-    schedule.json              the training noise schedule and prediction type (ScheduleConfig)
+    preview_decoder.safetensors  optional: a tiny decoder for live previews (`models.preview`)
+    schedule.json              the training noise schedule and prediction type, and the model's default
+                               image size and guidance scale (ScheduleConfig)
 
 SD 2.x text encoders: SD 2.x conditions on the penultimate layer of OpenCLIP ViT-H's 24-layer text tower.
 A bundle follows diffusers here: the text encoder keeps only the layers that are used (23) and is read at
@@ -24,6 +26,7 @@ import torch
 
 from sfumato.checkpoints.native import load_model, save_model
 from sfumato.models.clip import CLIPTextModel
+from sfumato.models.preview import PreviewDecoder
 from sfumato.models.unet import UNet
 from sfumato.models.vae import AutoencoderKL
 from sfumato.text.tokenizer import CLIPTokenizer
@@ -42,6 +45,7 @@ class ScheduleConfig:
     timestep_spacing: str = "leading"  # "leading" (SD's configs) | "trailing" | "linspace"
     rescale_betas_zero_snr: bool = False  # Lin et al. 2023 zero terminal SNR rescaling
     image_size: int | None = None  # default generation size in pixels (diffusers: unet sample_size × VAE f)
+    guidance: float | None = None  # default classifier-free guidance scale; None: 7.5 (what SD is run at)
 
     def __post_init__(self):
         if self.prediction not in ("eps", "v"):
@@ -50,6 +54,8 @@ class ScheduleConfig:
             raise ValueError(
                 f"timestep_spacing must be 'leading', 'trailing' or 'linspace', got {self.timestep_spacing!r}"
             )
+        if self.guidance is not None and not self.guidance >= 1:
+            raise ValueError(f"guidance must be None or >= 1 (1 turns guidance off), got {self.guidance}")
         if self.beta_schedule not in ("linear", "scaled_linear", "squaredcos_cap_v2", "cosine"):
             raise ValueError(
                 f"beta_schedule {self.beta_schedule!r} is not one of linear, scaled_linear, squaredcos_cap_v2"
@@ -115,9 +121,11 @@ class Bundle:
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    preview_decoder: PreviewDecoder | None = None  # trained to imitate this VAE's decoder, for previews
 
 
 BUNDLE_FILES = ("unet.safetensors", "vae.safetensors", "text_encoder.safetensors", "schedule.json")
+PREVIEW_FILE = "preview_decoder.safetensors"
 
 
 def is_bundle(path: str | Path) -> bool:
@@ -137,6 +145,8 @@ def save_bundle(bundle: Bundle, directory: str | Path, *, dtype: torch.dtype | N
         save_model(bundle.vae, d / "vae.safetensors", dtype=dtype),
         save_model(bundle.text_encoder, d / "text_encoder.safetensors", dtype=dtype),
     ]
+    if bundle.preview_decoder is not None:
+        written.append(save_model(bundle.preview_decoder, d / PREVIEW_FILE, dtype=dtype))
     bundle.tokenizer.save(d / "tokenizer")
     (d / "schedule.json").write_text(json.dumps(asdict(bundle.schedule), indent=2) + "\n")
     return written + [d / "tokenizer", d / "schedule.json"]
@@ -166,4 +176,9 @@ def load_bundle(directory: str | Path, device="cpu", dtype=None) -> Bundle:
         ),
         tokenizer=CLIPTokenizer.from_pretrained(d / "tokenizer"),
         schedule=ScheduleConfig.from_json(d / "schedule.json"),
+        preview_decoder=(
+            _expect(load_model(d / PREVIEW_FILE, device, dtype), PreviewDecoder, d / PREVIEW_FILE)
+            if (d / PREVIEW_FILE).is_file()
+            else None
+        ),
     )

@@ -33,6 +33,7 @@ from sfumato.models.clip import (
     CLIPVisionConfig,
     CLIPVisionModel,
 )
+from sfumato.models.preview import PreviewDecoder, PreviewDecoderConfig
 from sfumato.models.unet import UNet, UNetConfig
 from sfumato.models.vae import AutoencoderKL, VAEConfig
 
@@ -43,6 +44,7 @@ KINDS: dict[str, tuple[type[nn.Module], type]] = {
     "clip_text": (CLIPTextModel, CLIPTextConfig),
     "clip_vision": (CLIPVisionModel, CLIPVisionConfig),
     "clip": (CLIP, CLIPConfig),
+    "preview_decoder": (PreviewDecoder, PreviewDecoderConfig),
 }
 
 

@@ -761,7 +761,7 @@ def evaluate_shapes(
     prompts: Sequence[Mapping] | None = None,
     seeds: int = 4,
     steps: int = 20,
-    guidance: float = 7.5,
+    guidance: float | None = None,
     sampler: str = "dpmpp_2m",
     seed: int = 0,
     limit: int | None = None,
@@ -795,6 +795,8 @@ def evaluate_shapes(
         raise ValueError(f"seeds must be >= 1 image per prompt, got {seeds}")
     if vae is None:
         vae = getattr(pipe, "vae", None)
+    if guidance is None:  # the model's own (a StableDiffusion's default_guidance), else SD's 7.5
+        guidance = float(getattr(pipe, "default_guidance", 7.5))
     settings = {"steps": steps, "guidance": guidance, "sampler": sampler}
     total = len(indexed) * seeds + (fd_images if clip is not None else 0)
     bar = None

@@ -60,6 +60,7 @@ ImageInput = str | Path | Image.Image
 
 # samplers whose diffusers scheduler keeps x variance-preserving and starts from unit noise
 _VP_SAMPLERS = ("ddim", "ddpm", "dpmpp_2m")
+DEFAULT_GUIDANCE = 7.5  # for models that name none (SD's checkpoints): diffusers' default, the usual 5-9
 # the η each sampler takes, and its default (DDIM: deterministic; Euler-ancestral: DDPM-like noise)
 _ETA_DEFAULTS = {"ddim": 0.0, "euler_ancestral": 1.0}
 
@@ -191,7 +192,7 @@ def _check_output(output: str) -> None:
 
 
 def _check_guidance(guidance: float) -> None:
-    if not guidance >= 1:
+    if not guidance >= 1:  # also refuses NaN
         raise ValueError(
             f"guidance must be >= 1 (1 turns classifier-free guidance off; SD uses 5-9), got {guidance}"
         )
@@ -281,6 +282,8 @@ class StableDiffusion:
         self.unet = bundle.unet.to(self.device, dtype).eval()
         self.vae = bundle.vae.to(self.device, dtype).eval()
         self.text_encoder = bundle.text_encoder.to(self.device, dtype).eval()
+        preview = bundle.preview_decoder
+        self.preview_decoder = None if preview is None else preview.to(self.device, dtype).eval()
         self.tokenizer = bundle.tokenizer
         self.schedule = bundle.schedule
         self.source = Path(source) if source is not None else None
@@ -343,6 +346,18 @@ class StableDiffusion:
         return cls(loaded, device=device, dtype=dtype, source=path)
 
     # -- properties ----------------------------------------------------------------------------------------
+
+    @property
+    def default_guidance(self) -> float:
+        """The guidance scale used when none is given: the model's own (`ScheduleConfig.guidance`, written by
+        its training recipe), else Stable Diffusion's customary 7.5."""
+        g = self.schedule.guidance
+        return DEFAULT_GUIDANCE if g is None else float(g)
+
+    def _guidance(self, guidance: float | None) -> float:
+        guidance = self.default_guidance if guidance is None else guidance
+        _check_guidance(guidance)
+        return guidance
 
     @property
     def latent_factor(self) -> int:
@@ -437,6 +452,16 @@ class StableDiffusion:
             x = self.vae.decode(z)
         return tensor_to_images(x.float().cpu())
 
+    @torch.no_grad()
+    def preview(self, latents: torch.Tensor) -> list[Image.Image]:
+        """A quick look at diffusion latents, e.g. a callback's ``info["denoised"]``: the bundle's preview
+        decoder when it has one (`sfumato.models.preview`: blurrier, a few hundred times fewer FLOPs than SD's
+        VAE decoder), else the full `decode`."""
+        if self.preview_decoder is None:
+            return self.decode(latents)
+        z = latents.to(self.device, self.dtype) / self.scaling_factor
+        return tensor_to_images(self.preview_decoder(z).float().cpu())
+
     def _load_images(self, image, n: int, size: tuple[int, int] | None) -> tuple[torch.Tensor, tuple[int, int]]:
         """(n, 3, H, W) in [-1, 1] from one image (repeated) or one image per prompt, resized to `size`."""
         images = [load_image(im) for im in (image if isinstance(image, (list, tuple)) else [image] * n)]
@@ -519,7 +544,7 @@ class StableDiffusion:
         negative_prompt: str | Sequence[str] = "",
         *,
         steps: int = 25,
-        guidance: float = 7.5,
+        guidance: float | None = None,
         sampler: str = "dpmpp_2m",
         karras: bool | None = None,
         eta: float | None = None,
@@ -546,7 +571,7 @@ class StableDiffusion:
         if not prompts:
             raise ValueError("prompt is empty; pass a string or a list of strings")
         negatives = _as_list(negative_prompt or "", len(prompts), "negative_prompt")
-        _check_guidance(guidance)
+        guidance = self._guidance(guidance)
         _check_output(output)
         karras = _karras(sampler, karras)
         if batch < 1:
@@ -590,7 +615,7 @@ class StableDiffusion:
         *,
         strength: float = 0.8,
         steps: int = 25,
-        guidance: float = 7.5,
+        guidance: float | None = None,
         sampler: str = "dpmpp_2m",
         karras: bool | None = None,
         eta: float | None = None,
@@ -612,7 +637,7 @@ class StableDiffusion:
         if not prompts:
             raise ValueError("prompt is empty; pass a string or a list of strings")
         negatives = _as_list(negative_prompt or "", len(prompts), "negative_prompt")
-        _check_guidance(guidance)
+        guidance = self._guidance(guidance)
         _check_output(output)
         if (width is None) != (height is None):
             raise ValueError(
@@ -657,7 +682,7 @@ class StableDiffusion:
         *,
         strength: float = 1.0,
         steps: int = 25,
-        guidance: float = 7.5,
+        guidance: float | None = None,
         sampler: str = "dpmpp_2m",
         karras: bool | None = None,
         eta: float | None = None,
@@ -676,7 +701,7 @@ class StableDiffusion:
         same as diffusers' blending after every step), and the kept region of the result is the original
         latent. The mask is binarised at 50% grey; see `sfumato.pipelines.images.load_mask` for its size rule.
         """
-        _check_guidance(guidance)
+        guidance = self._guidance(guidance)
         _check_output(output)
         karras = _karras(sampler, karras)
         run = _check_strength(strength, steps)
@@ -762,7 +787,7 @@ class StableDiffusion:
         The image's latent is the posterior mean. Guidance above 1 makes the round trip inexact (the
         inverted path is not the guided one); 1 is the faithful choice.
         """
-        _check_guidance(guidance)
+        guidance = self._guidance(guidance)
         plan = plan_steps(self.schedule, "ddim", steps)
         pixels, _ = self._load_images([image], 1, None)
         z0 = self._encode(pixels, None)
@@ -790,7 +815,7 @@ class StableDiffusion:
         frames: int = 8,
         negative_prompt: str = "",
         steps: int = 25,
-        guidance: float = 7.5,
+        guidance: float | None = None,
         sampler: str = "ddim",
         karras: bool = False,
         width: int | None = None,
@@ -814,7 +839,7 @@ class StableDiffusion:
             raise ValueError(f"{len(prompts)} prompts and {len(seeds)} seeds; give one, or one per keyframe")
         if frames < 1:
             raise ValueError(f"frames must be >= 1 per segment, got {frames}")
-        _check_guidance(guidance)
+        guidance = self._guidance(guidance)
         plan = plan_steps(self.schedule, sampler, steps, karras)
         width, height = self._size(width, height)
         f = self.latent_factor

@@ -62,6 +62,11 @@ class ServerState:
         return int(getattr(schedule, "image_size", 0) or 512)
 
     @property
+    def default_guidance(self) -> float:
+        """The model's own guidance scale (`StableDiffusion.default_guidance`), for requests that name none."""
+        return float(getattr(self.pipe, "default_guidance", 7.5))
+
+    @property
     def model_title(self) -> str:
         """A1111's checkpoint title: 'name [hash]'."""
         return f"{self.model_name} [{self.model_hash}]" if self.model_hash else self.model_name
@@ -120,8 +125,8 @@ def build_request(state: ServerState, body: dict, mode: str = "txt2img") -> Gene
     lim.check_images(batch, "batch")
     sampler, karras = resolve_sampler(body.get("sampler"), body.get("scheduler"))
     return GenerationRequest(
-        mode=mode, prompt=prompt, negative_prompt=negative, steps=steps,
-        guidance=check_guidance(body.get("guidance", 7.0), "guidance"), sampler=sampler, karras=karras,
+        mode=mode, prompt=prompt, negative_prompt=negative, steps=steps, sampler=sampler, karras=karras,
+        guidance=check_guidance(body.get("guidance", state.default_guidance), "guidance"),
         eta=eta_for(sampler, body.get("eta")), seed=resolve_seed(body.get("seed", -1)), width=width,
         height=height, batch=batch,
     )  # fmt: skip
@@ -230,7 +235,8 @@ def create_app(
         lim = limits
         return {
             "model": state.model_name, "model_hash": state.model_hash, "default_size": state.default_size,
-            "size_multiple": state.latent_factor, "samplers": [n for n, *_ in A1111_SAMPLERS],
+            "default_guidance": state.default_guidance, "size_multiple": state.latent_factor,
+            "samplers": [n for n, *_ in A1111_SAMPLERS],
             "limits": {"max_pixels": lim.max_pixels, "max_steps": lim.max_steps, "max_images": lim.max_images,
                        "max_upload_bytes": lim.max_upload_bytes},
             "version": _version(),

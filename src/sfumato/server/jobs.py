@@ -236,6 +236,8 @@ class Worker:
         self._thread = threading.Thread(target=self._run, name="sfumato-worker", daemon=True)
         self._stopping = False
         self._recent: dict[str, Job] = {}  # tracked jobs of this process, newest last (bounded)
+        # live previews through the model's tiny preview decoder when it has one (StableDiffusion.preview)
+        self._preview = getattr(pipe, "preview", None) or pipe.decode
 
     # -- public --------------------------------------------------------------------------------------------
 
@@ -361,7 +363,7 @@ class Worker:
             now = time.monotonic()
             if self.preview_interval >= 0 and now - last["preview_at"] >= self.preview_interval:
                 last["preview_at"] = now
-                job.preview = png_bytes(self.pipe.decode(info["denoised"][:1])[0])
+                job.preview = png_bytes(self._preview(info["denoised"][:1])[0])
             self._write_state(job)
             if self._cancelled(job):
                 raise Interrupted

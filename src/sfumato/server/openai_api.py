@@ -99,7 +99,7 @@ def _settings(state, body) -> dict:
     if fmt != "png" and response_format == "url":
         raise ApiError(400, "response_format 'url' serves PNG files; use output_format png", "output_format")
     sampler, karras = resolve_sampler(body.get("sampler"), body.get("scheduler"))
-    guidance = body.get("guidance", body.get("cfg_scale", 7.0))
+    guidance = body.get("guidance", body.get("cfg_scale", state.default_guidance))
     return dict(
         prompt=prompt, negative_prompt=negative, batch=n, steps=steps, sampler=sampler, karras=karras,
         guidance=check_guidance(_float(guidance, "guidance"), "guidance"), eta=eta_for(sampler, None),

@@ -1,16 +1,17 @@
-"""Named training recipes and the functions behind `sfumato train vae|clip|ldm|ddpm|pipeline`.
+"""Named training recipes and the functions behind `sfumato train vae|clip|ldm|preview|ddpm|pipeline`.
 
 A recipe is a plain dataclass: the model config, the `TrainConfig`, the data size and the objective's
 settings. `RECIPES[task][name]`; "tiny" recipes are for tests and smoke runs (seconds), "shapes" is the
 recipe of the model sfumato ships (trained on the built-in `shapes` dataset on 2 CPU cores).
 
-`train_pipeline` runs VAE → CLIP → latent diffusion into one folder:
+`train_pipeline` runs VAE → CLIP → latent diffusion → preview decoder into one folder:
 
     OUT/vae/     the autoencoder run (final/vae.safetensors)
     OUT/clip/    the CLIP run (final/clip.safetensors, final/text_encoder.safetensors, final/tokenizer/)
     OUT/ldm/     the U-Net run (final/ = the bundle)
-    OUT/model/   the finished bundle, what `sfumato generate --model OUT/model` loads, with the full CLIP
-                 (clip.safetensors, both towers) beside it
+    OUT/preview/ the preview decoder run (final/preview_decoder.safetensors: the VAE's decoder, distilled)
+    OUT/model/   the finished bundle, what `sfumato generate --model OUT/model` loads, with its preview
+                 decoder and the full CLIP (clip.safetensors, both towers) beside it
 
 A stage whose final export exists is skipped; with `resume=True` an interrupted stage continues from its
 newest checkpoint, so an interrupted pipeline loses at most `checkpoint_every` steps.
@@ -29,7 +30,7 @@ from sfumato.checkpoints.native import load_model
 from sfumato.data import collate, load_dataset
 from sfumato.models.clip import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 from sfumato.models.unet import UNetConfig
-from sfumato.models.vae import VAEConfig
+from sfumato.models.vae import AutoencoderKL, VAEConfig
 from sfumato.text.tokenizer import CLIPTokenizer, train_bpe
 from sfumato.training.loop import TrainConfig, TrainResult, latest_checkpoint, train
 from sfumato.training.losses import DiscConfig
@@ -71,6 +72,14 @@ class LDMRecipe:
     cache: bool = False  # encode every image and caption once (data.cache) instead of every step
     train_text_encoder: bool = False  # fine-tune (a copy of) the CLIP text tower with the U-Net (LDMTask)
     preview_prompts: tuple[str, ...] = ("a red circle", "a blue square above a green triangle", "")
+
+
+@dataclass
+class PreviewRecipe:
+    widths: tuple[int, ...] | None  # the preview decoder's widths (None: `PreviewDecoderConfig.for_vae`'s)
+    train: TrainConfig
+    image_size: int = 32
+    data_size: int = 20_000
 
 
 @dataclass
@@ -132,12 +141,29 @@ RECIPES: dict[str, dict] = {
                        num_heads=4, context_dim=128),
             TrainConfig(steps=3600, batch_size=64, lr=4e-4, warmup_steps=200, ema_decay=0.999,
                         preview_every=500, checkpoint_every=250, log_every=25),
+            # guidance: what `sfumato eval shapes` scored best at (shapes-1: 3; SD's 7.5 melts the shapes)
             schedule=ScheduleConfig(prediction="v", timestep_spacing="trailing", steps_offset=0,
-                                    rescale_betas_zero_snr=True),
+                                    rescale_betas_zero_snr=True, guidance=3.0),
             data_size=30_000, min_snr_gamma=5.0, cache=True,
             # the contrastive text tower hardly separates "a above b" from "b above a" in its token states;
             # trained with the U-Net, it learns what the U-Net must read (shapes-1, frozen: relations at chance)
             train_text_encoder=True,
+        ),  # fmt: skip
+    },
+    # distils the VAE's decoder into a tiny one for live previews (models.preview); minutes on 2 cores
+    "preview": {
+        "tiny": PreviewRecipe(None, _tiny_train(6, 8, 2e-3), data_size=64),
+        "shapes": PreviewRecipe(
+            None,  # f=2: widths (64, 32)
+            TrainConfig(steps=600, batch_size=64, lr=2e-3, warmup_steps=50, ema_decay=None, preview_every=200,
+                        checkpoint_every=200, log_every=25),
+        ),  # fmt: skip
+        # for SD's f=8 VAE (--vae an SD checkpoint, --data your image folder): hours on a CPU, minutes on a GPU
+        "sd": PreviewRecipe(
+            (64, 32, 16, 8),
+            TrainConfig(steps=4000, batch_size=8, lr=1e-3, warmup_steps=100, ema_decay=None, preview_every=500,
+                        checkpoint_every=500, log_every=50),
+            image_size=256,
         ),  # fmt: skip
     },
     "ddpm": {
@@ -250,6 +276,29 @@ def train_ldm(
     return train(task, ds, r.train, out, resume=resume, until=until, progress=progress)
 
 
+def train_preview(
+    data: str, out: Path, r: PreviewRecipe, *, vae: str | Path | AutoencoderKL, resume=False, until=None,
+    progress=None,
+) -> TrainResult:  # fmt: skip
+    """Distil `vae` (an AutoencoderKL, or a path that `sfumato.load` reads: vae.safetensors, a bundle, a
+    diffusers folder, an SD single file) into a preview decoder; OUT/final/preview_decoder.safetensors."""
+    from sfumato.checkpoints.bundle import Bundle
+    from sfumato.checkpoints.single_file import load_any
+    from sfumato.models.preview import PreviewDecoderConfig
+    from sfumato.training.preview import PreviewTask
+
+    if not isinstance(vae, AutoencoderKL):
+        loaded = load_any(vae)
+        loaded = loaded.vae if isinstance(loaded, Bundle) else loaded
+        if not isinstance(loaded, AutoencoderKL):
+            raise ValueError(f"--vae {vae} holds a {type(loaded).__name__}; give a VAE or a text-to-image model")
+        vae = loaded.float()  # files may store float16 (the shipped model's); training computes in float32
+    ds = dataset_for(data, r.image_size, r.data_size)
+    config = PreviewDecoderConfig.for_vae(vae.config, r.widths)
+    task = PreviewTask(vae, config, seed=r.train.seed, preview_batch=_preview_batch(ds))
+    return train(task, ds, r.train, out, resume=resume, until=until, progress=progress)
+
+
 def train_ddpm(data: str, out: Path, r: DDPMRecipe, *, resume=False, until=None, progress=None) -> TrainResult:
     from sfumato.training.ddpm import DDPMTask
 
@@ -264,13 +313,14 @@ def train_ddpm(data: str, out: Path, r: DDPMRecipe, *, resume=False, until=None,
 
 def train_pipeline(data: str, out: str | Path, name: str = "shapes", *, resume: bool = False,
                    progress: bool | None = None, steps: dict[str, int] | None = None) -> Path:  # fmt: skip
-    """VAE → CLIP → latent diffusion with the recipes called `name`; returns the finished bundle folder.
+    """VAE → CLIP → latent diffusion → preview decoder with the recipes called `name`; returns the finished
+    bundle folder.
 
-    steps: optional {"vae": n, "clip": n, "ldm": n} overriding the recipes' step counts.
+    steps: optional {"vae": n, "clip": n, "ldm": n, "preview": n} overriding the recipes' step counts.
     """
     out = Path(out)
     steps = steps or {}
-    recipes = {task: recipe(task, name) for task in ("vae", "clip", "ldm")}
+    recipes = {task: recipe(task, name) for task in ("vae", "clip", "ldm", "preview")}
     for task, n in steps.items():
         recipes[task] = replace(recipes[task], train=replace(recipes[task].train, steps=n))
     if out.exists() and any(out.iterdir()) and not resume:
@@ -291,12 +341,14 @@ def train_pipeline(data: str, out: str | Path, name: str = "shapes", *, resume: 
     stage("clip", train_clip)
     stage("ldm", train_ldm, vae=out / "vae/final/vae.safetensors",
           text_encoder=out / "clip/final/text_encoder.safetensors", tokenizer=out / "clip/final/tokenizer")  # fmt: skip
+    stage("preview", train_preview, vae=out / "vae/final/vae.safetensors")
     model = out / "model"
     if model.exists():
         shutil.rmtree(model)
     shutil.copytree(out / "ldm/final", model)
     # the full CLIP (both towers) beside the bundle: `sfumato classify` and `sfumato eval shapes` use it
     shutil.copy2(out / "clip/final/clip.safetensors", model / "clip.safetensors")
+    shutil.copy2(out / "preview/final/preview_decoder.safetensors", model / "preview_decoder.safetensors")
     _say(f"model: {model}  (sfumato generate --model {model} \"a red circle\")")
     return model
 

@@ -113,6 +113,7 @@ async function init() {
       $(side).step = info.size_multiple;
       $(side).min = info.size_multiple;
     }
+    $("guidance").value = info.default_guidance;
     $("steps").max = info.limits.max_steps;
     $("batch").max = info.limits.max_images;
     await loadGallery();
