@@ -3,7 +3,7 @@
 - **int8**: `torch.ao.quantization.quantize_dynamic` on the Linear layers (what `StableDiffusion(int8=True)`
   does) of the U-Net (one CFG step) and of the ViT-L text encoder; against our float32 model, alternately.
   Error: max |Δ| and relative L2 of the output.
-- **compile**: `torch.compile(unet)` (default inductor mode, what `compile=True` does); the first call's
+- **compile**: `torch.compile(unet, dynamic=False)` (default inductor mode, what `compile=True` does); the first call's
   time is the warm-up cost; then alternately against eager. Error: max |Δ|.
 - **tiled VAE decode** (`AutoencoderKL.decode_tiled`, `vae_tiling=True`: 64-latent tiles, 16 overlap) of a
   1024² image against the full decode, each in a fresh process for its peak RSS; seam error: max and mean
@@ -87,7 +87,7 @@ def bench_int8(cases: list[str], repeat: int) -> None:
 
 def compile_calls(case: str) -> tuple[dict, float]:
     model, args = unet_case(case)
-    compiled = torch.compile(model)
+    compiled = torch.compile(model, dynamic=False)
     with torch.inference_mode():
         t0 = time.perf_counter()
         compiled(*args)
@@ -96,7 +96,7 @@ def compile_calls(case: str) -> tuple[dict, float]:
 
 
 def bench_compile(cases: list[str], repeat: int) -> None:
-    print("torch.compile (inductor, default mode):")
+    print("torch.compile (inductor, default mode, static shapes):")
     for case in cases:
         fns, warm = compile_calls(case)
         med, out = timed(fns, repeat)

@@ -302,7 +302,7 @@ class StableDiffusion:
             (`torch.ao.quantization.quantize_dynamic`: int8 weights, activations quantised per call). Faster on
             CPUs with int8 dot products, approximate (see the benchmark for the error). Replaces the layers in
             place, in the bundle's modules too; CPU only.
-        compile: `torch.compile` the U-Net. The first generation at each new size pays the compilation
+        compile: `torch.compile(unet, dynamic=False)`. The first generation at each new size pays the compilation
             (tens of seconds to minutes); the results match eager float32 to rounding.
         """
         if vae_tiling:
@@ -322,7 +322,9 @@ class StableDiffusion:
                 for module in (self.unet, self.text_encoder):
                     quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
         if compile:
-            self.unet = torch.compile(self.unet)
+            # static shapes: a second image size compiles again rather than switching the graph to symbolic
+            # shapes, which inductor failed to lower for the SD U-Net (torch 2.13, a 1x1 conv at 32² latents)
+            self.unet = torch.compile(self.unet, dynamic=False)
         return self
 
     @classmethod
@@ -384,7 +386,8 @@ class StableDiffusion:
     # -- text ------------------------------------------------------------------------------------------------
 
     def _chunks(self, text: str) -> list[list[int]]:
-        """Token ids of `text` in 77-token chunks: [start] + up to 75 tokens + [end] + padding."""
+        """Token ids of `text` in chunks of the context length (SD: 77): [start] + up to 75 tokens + [end] +
+        padding."""
         tok = self.tokenizer
         n = tok.context_length - 2
         body = tok.encode(text)[1:-1]  # without start/end tokens
@@ -395,7 +398,8 @@ class StableDiffusion:
     def encode_prompts(
         self, prompts: Sequence[str], clip_skip: int = 0, min_chunks: int = 1
     ) -> torch.Tensor:
-        """CLIP text embeddings (P, 77 * k, D) of P prompts, k = the most chunks any prompt needs.
+        """CLIP text embeddings (P, L * k, D) of P prompts, L the context length (SD: 77), k = the most chunks
+        any prompt needs.
 
         clip_skip: use the hidden state that many layers before the last (diffusers' ``clip_skip``; A1111's
         "Clip skip: n" is n - 1), through the final LayerNorm.
@@ -403,10 +407,10 @@ class StableDiffusion:
         chunked = [self._chunks(p) for p in prompts]
         k = max(min_chunks, *(len(c) for c in chunked))
         empty = self._chunks("")[0]
-        rows = [c + [empty] * (k - len(c)) for c in chunked]  # P x k x 77
-        ids = torch.tensor([chunk for row in rows for chunk in row], device=self.device)  # (P * k, 77)
-        hidden = self.text_encoder(ids, skip=clip_skip).last_hidden_state  # (P * k, 77, D)
-        return hidden.reshape(len(prompts), -1, hidden.shape[-1])  # (P * k, 77, D) -> (P, k * 77, D)
+        rows = [c + [empty] * (k - len(c)) for c in chunked]  # P x k x L
+        ids = torch.tensor([chunk for row in rows for chunk in row], device=self.device)  # (P * k, L)
+        hidden = self.text_encoder(ids, skip=clip_skip).last_hidden_state  # (P * k, L, D)
+        return hidden.reshape(len(prompts), -1, hidden.shape[-1])  # (P * k, L, D) -> (P, k * L, D)
 
     def _contexts(
         self, prompts: list[str], negatives: list[str], guidance: float, clip_skip: int, batch: int
@@ -415,9 +419,10 @@ class StableDiffusion:
         cond = self.encode_prompts(prompts, clip_skip)
         uncond = None
         if guidance > 1:
-            uncond = self.encode_prompts(negatives, clip_skip, min_chunks=cond.shape[1] // 77)
+            n = self.tokenizer.context_length  # 77 for SD; our own models may use fewer
+            uncond = self.encode_prompts(negatives, clip_skip, min_chunks=cond.shape[1] // n)
             if uncond.shape[1] > cond.shape[1]:  # a negative prompt longer than the prompt
-                cond = self.encode_prompts(prompts, clip_skip, min_chunks=uncond.shape[1] // 77)
+                cond = self.encode_prompts(prompts, clip_skip, min_chunks=uncond.shape[1] // n)
             uncond = uncond.repeat_interleave(batch, 0)  # (P, T, D) -> (P * batch, T, D)
         return cond.repeat_interleave(batch, 0), uncond
 
