@@ -11,6 +11,7 @@ Three kinds of evidence, all with random weights (no checkpoint can be downloade
 import copy
 import dataclasses
 import functools
+import math
 
 import pytest
 import torch
@@ -340,3 +341,61 @@ def test_full_size_stable_diffusion(preset, published):
     x, t, context, _ = inputs(model, torch.tensor([999.0, 1.5]), size=8)
     with torch.no_grad():
         assert (model.eval()(x, t, context) - ref(x, t, context).sample).abs().max() <= TOL
+
+
+def test_position_features_are_the_formula():
+    """Rows first; pixel (row i, column j) has centre u = (j + 0.5) / W, v = (i + 0.5) / H; [sin, cos] of
+    pi 2^k u for every k, then the same of v."""
+    from sfumato.models.layers import position_fourier_features
+
+    H, W, F = 3, 5, 2
+    feats = position_fourier_features(H, W, F)
+    assert feats.shape == (H * W, 4 * F)
+    i, j = 2, 1
+    u, v = (j + 0.5) / W, (i + 0.5) / H
+    row = feats[i * W + j]
+    expect = [
+        math.sin(math.pi * u),
+        math.sin(2 * math.pi * u),
+        math.cos(math.pi * u),
+        math.cos(2 * math.pi * u),
+        math.sin(math.pi * v),
+        math.sin(2 * math.pi * v),
+        math.cos(math.pi * v),
+        math.cos(2 * math.pi * v),
+    ]
+    assert torch.allclose(row, torch.tensor(expect), atol=1e-6)
+    # "the top" is one place at every resolution: the coarse grid's pixel centres are fine-grid midpoints
+    coarse, fine = position_fourier_features(2, 2, 1), position_fourier_features(4, 4, 1)
+    assert torch.allclose(coarse[0, 2:], (fine[0, 2:] + fine[4, 2:]) / 2 / math.cos(math.pi / 8), atol=1e-6)
+
+
+def test_position_embedding_option():
+    """`position_freqs` starts as the model without it (zero-initialised), then makes the output depend on
+    where a pixel is; config inference finds it and diffusers export refuses it by name."""
+    base = dataclasses.replace(UNET_PRESETS["tiny"], num_heads=2)
+    config = dataclasses.replace(base, position_freqs=4)
+    torch.manual_seed(0)
+    plain, placed = UNet(base).eval(), UNet(config).eval()
+    missing, unexpected = placed.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all("pos_embed" in k for k in missing)
+    for p in plain.parameters():  # proj_out and the last conv start at zero: give them a say
+        if p.ndim > 1 and not p.any():
+            torch.nn.init.normal_(p, std=0.2)
+    placed.load_state_dict(plain.state_dict(), strict=False)
+    x = torch.zeros(1, 4, 8, 8)  # nothing in the input tells pixels apart but the padding
+    context = torch.randn(1, 5, base.context_dim)
+    with torch.no_grad():
+        assert torch.equal(placed(x, 500, context), plain(x, 500, context))
+        for module in placed.modules():
+            if hasattr(module, "pos_embed"):
+                torch.nn.init.normal_(module.pos_embed.weight)
+        moved = placed(x, 500, context) - plain(x, 500, context)
+    # a change that differs from pixel to pixel, not an offset (the projection has no bias yet)
+    assert moved.flatten(2).std(dim=2).amin() > 1e-3
+    sd = {LDM_UNET_PREFIX + k: v for k, v in placed.state_dict().items()}
+    assert unet_config_from_state_dict(sd, num_heads=2) == config
+    with pytest.raises(ValueError, match="position_freqs=4.*diffusers"):
+        unet_to_diffusers(placed.state_dict(), config)
+    with pytest.raises(ValueError, match="position_freqs must be >= 0"):
+        dataclasses.replace(base, position_freqs=-1)

@@ -220,8 +220,17 @@ def unet_from_diffusers(state_dict: dict[str, torch.Tensor], config: UNetConfig)
     return _from_diffusers(state_dict, config, _unet_rules(config), UNet, "U-Net")
 
 
+def _check_diffusers_can_hold(c: UNetConfig) -> None:
+    if c.position_freqs:
+        raise ValueError(
+            f"this U-Net has position embeddings (position_freqs={c.position_freqs}), which diffusers' "
+            "UNet2DConditionModel has no place for; keep it as an sfumato bundle (or single-file ldm checkpoint)"
+        )
+
+
 def unet_to_diffusers(state_dict: dict[str, torch.Tensor], config: UNetConfig) -> dict[str, torch.Tensor]:
     """Our (ldm-named) U-Net state dict -> diffusers `UNet2DConditionModel` names."""
+    _check_diffusers_can_hold(config)
     return _to_diffusers(state_dict, config, _unet_rules(config), UNet, "U-Net")
 
 
@@ -385,6 +394,7 @@ def unet_config_from_diffusers(cfg: dict) -> UNetConfig:
 
 def unet_config_to_diffusers(c: UNetConfig) -> dict:
     """diffusers `UNet2DConditionModel(**config)` arguments for our config."""
+    _check_diffusers_can_hold(c)
     n = len(c.channel_mult)
     attn = [2**level in c.attention_resolutions for level in range(n)]
     widths = [c.model_channels * m for m in c.channel_mult]
@@ -527,6 +537,7 @@ def unet_config_from_state_dict(
                 "unknown; pass num_heads= or head_dim= (from the model's ldm yaml)"
             )
     label = sd.get("label_emb.0.0.weight")
+    pos = sd.get(mid + "pos_embed.weight")  # ours only (UNetConfig.position_freqs): (inner, 4 * freqs)
     return UNetConfig(
         in_channels=conv_in.shape[1],
         out_channels=_require(sd, "out.2.weight", "U-Net").shape[0],
@@ -540,6 +551,7 @@ def unet_config_from_state_dict(
         context_dim=context_dim,
         use_linear_proj=_require(sd, mid + "proj_in.weight", "U-Net").ndim == 2,
         adm_in_channels=None if label is None else label.shape[1],
+        position_freqs=0 if pos is None else pos.shape[1] // 4,
     )
 
 

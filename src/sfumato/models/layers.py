@@ -317,12 +317,32 @@ class BasicTransformerBlock(nn.Module):
         return x + self.ff(self.norm3(x))
 
 
+def position_fourier_features(
+    height: int, width: int, freqs: int, device=None, dtype=torch.float32
+) -> torch.Tensor:
+    """(height * width, 4 * freqs) features of each pixel's centre (u, v) in [0, 1]^2, rows first:
+    [sin(pi 2^k u), cos(pi 2^k u), sin(pi 2^k v), cos(pi 2^k v)] for k < freqs. Relative coordinates, so
+    "the top" is the same features at every resolution of one image (a pixel grid twice as fine
+    interleaves new values between the coarse one's)."""
+    u = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width  # (W,)
+    v = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height  # (H,)
+    scale = torch.pi * 2.0 ** torch.arange(freqs, device=device, dtype=torch.float32)  # (F,)
+    fu, fv = u[:, None] * scale, v[:, None] * scale  # (W, F), (H, F)
+    fu = torch.cat([fu.sin(), fu.cos()], dim=1)[None].expand(height, -1, -1)  # (H, W, 2F)
+    fv = torch.cat([fv.sin(), fv.cos()], dim=1)[:, None].expand(-1, width, -1)  # (H, W, 2F)
+    return torch.cat([fu, fv], dim=2).reshape(height * width, 4 * freqs).to(dtype)
+
+
 class SpatialTransformer(nn.Module):
     """Transformer over the pixels of a feature map, conditioned on `context` (Rombach et al. 2022, sec. 3.3).
 
     GroupNorm, a projection to `num_heads * head_dim` channels, `depth` transformer blocks, a projection
     back and a residual connection. SD 1.x projects with 1x1 convs, SD 2.x with Linear layers
     (`use_linear`); the two are the same map, only the checkpoint shapes differ, so we keep each one's.
+
+    position_freqs > 0 (not in SD): `pos_embed`, a Linear of `position_fourier_features` of each pixel's relative
+    place, is added to the tokens after `proj_in`, so attention queries know where they are. Zero-initialised:
+    the block starts as the one without it.
     """
 
     def __init__(
@@ -334,10 +354,14 @@ class SpatialTransformer(nn.Module):
         depth: int = 1,
         use_linear: bool = False,
         dropout: float = 0.0,
+        position_freqs: int = 0,
     ):
         super().__init__()
         inner = num_heads * head_dim
         self.use_linear = use_linear
+        self.position_freqs = position_freqs
+        if position_freqs:
+            self.pos_embed = zero_init_(nn.Linear(4 * position_freqs, inner))
         self.norm = group_norm(channels, eps=1e-6)
         if use_linear:
             self.proj_in = nn.Linear(channels, inner)
@@ -357,6 +381,9 @@ class SpatialTransformer(nn.Module):
         h = h.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C)
         if self.use_linear:
             h = self.proj_in(h)
+        if self.position_freqs:
+            pos = position_fourier_features(H, W, self.position_freqs, x.device, h.dtype)  # (H*W, 4F)
+            h = h + self.pos_embed(pos)  # (B, H*W, inner) + (H*W, inner)
         for block in self.transformer_blocks:
             h = block(h, context)
         if self.use_linear:

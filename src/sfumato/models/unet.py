@@ -49,12 +49,20 @@ class UNetConfig:
     )
     adm_in_channels: int | None = None  # width of a global embedding `y` added to the time embedding, or None
     dropout: float = 0.0  # dropout in ResBlocks and transformer MLPs (0 for all SD checkpoints)
+    # > 0: every transformer adds a learned projection of `position_freqs` Fourier frequencies of each pixel's
+    # place in the image to its tokens (not in SD or ldm, whose attention sees no position: 0 keeps their
+    # layout). Without it a query cannot tell "top" from "bottom" except through the convolutions' zero padding
+    position_freqs: int = 0
 
     def __post_init__(self):
         # JSON (checkpoint metadata) brings tuples back as lists
         self.channel_mult = tuple(self.channel_mult)
         # a set in meaning; kept sorted as ldm's yaml writes it, (4, 2, 1), so equal configs compare equal
         self.attention_resolutions = tuple(sorted(set(self.attention_resolutions), reverse=True))
+        if self.position_freqs < 0:
+            raise ValueError(
+                f"position_freqs must be >= 0 (0: no position embedding), got {self.position_freqs}"
+            )
         if (self.num_heads is None) == (self.head_dim is None):
             raise ValueError(
                 f"set exactly one of num_heads and head_dim, got num_heads={self.num_heads}, "
@@ -129,9 +137,8 @@ class UNet(nn.Module):
 
         def transformer(ch: int) -> SpatialTransformer:
             heads, head_dim = c.heads_for(ch)
-            return SpatialTransformer(
-                ch, heads, head_dim, c.context_dim, c.transformer_depth, c.use_linear_proj, c.dropout
-            )
+            return SpatialTransformer(ch, heads, head_dim, c.context_dim, c.transformer_depth, c.use_linear_proj,
+                                      c.dropout, c.position_freqs)  # fmt: skip
 
         # Down path. `skip_chans` records the width of every stage's output, consumed by the up path.
         self.input_blocks = nn.ModuleList(
