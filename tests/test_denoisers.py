@@ -94,6 +94,19 @@ def test_min_snr_weight_is_min_snr_gamma_in_x0_space(prediction):
     lhs = min_snr_weight(snr, 5.0, prediction) * (out_hat - out).pow(2).flatten(1).mean(1)
     rhs = snr.clamp(max=5.0) * delta.pow(2).flatten(1).mean(1)
     assert torch.allclose(lhs, rhs, rtol=1e-9)
+    # with a floor the x0-space weight is clamp(SNR, floor, γ); the problem's SNRs straddle 1
+    assert snr.min() < 1 < snr.max()
+    lhs = min_snr_weight(snr, 5.0, prediction, floor=1.0) * (out_hat - out).pow(2).flatten(1).mean(1)
+    rhs = snr.clamp(min=1.0, max=5.0) * delta.pow(2).flatten(1).mean(1)
+    assert torch.allclose(lhs, rhs, rtol=1e-9)
+
+
+def test_min_snr_floor_at_zero_terminal_snr_is_plain_v_loss():
+    """At SNR 0 (a zero-terminal-SNR schedule's t = T) Min-SNR gives v-loss no weight at all; floor 1 gives
+    it v-loss's own weight, 1 (v-MSE = (SNR + 1) x0-MSE)."""
+    snr = torch.tensor([0.0, 1e-3], dtype=torch.float64)
+    assert min_snr_weight(snr, 5.0, "v")[0] == 0
+    assert torch.allclose(min_snr_weight(snr, 5.0, "v", floor=1.0), 1 / (snr + 1))
 
 
 def test_bad_prediction_names_the_value():

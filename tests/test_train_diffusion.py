@@ -401,5 +401,9 @@ def test_bad_configs_say_what_to_do(parts):
                 parts.tokenizer, ScheduleConfig())  # fmt: skip
     with pytest.raises(ValueError, match="caption_dropout"):
         ldm_task(parts, caption_dropout=1.5)
+    with pytest.raises(ValueError, match="min_snr_floor=1.0 needs min_snr_gamma"):
+        ldm_task(parts, "v", min_snr_floor=1.0)
+    with pytest.raises(ValueError, match="min_snr_floor=6.0 .* 0 < floor <= gamma"):
+        ldm_task(parts, "v", min_snr_gamma=5.0, min_snr_floor=6.0)
     with pytest.raises(ValueError, match="in_channels=3"):
         DDPMTask(UNET_PRESETS["tiny"], image_size=8)

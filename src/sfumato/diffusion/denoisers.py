@@ -69,10 +69,17 @@ def training_target(x0: torch.Tensor, eps: torch.Tensor, a, s, prediction: Predi
     _check_prediction(prediction)
 
 
-def min_snr_weight(snr: torch.Tensor, gamma: float, prediction: Prediction) -> torch.Tensor:
+def min_snr_weight(
+    snr: torch.Tensor, gamma: float, prediction: Prediction, floor: float = 0.0
+) -> torch.Tensor:
     """Hang et al. 2023 (Min-SNR-γ): the x0-space loss weight min(SNR, γ), expressed for the MSE on the
-    network's own output: eps-MSE = SNR · x0-MSE, v-MSE = (SNR + 1) · x0-MSE."""
-    clipped = snr.clamp(max=gamma)
+    network's own output: eps-MSE = SNR · x0-MSE, v-MSE = (SNR + 1) · x0-MSE.
+
+    floor > 0 clamps the x0-space weight from below too, clamp(SNR, floor, γ). Min-SNR's weight falls with
+    SNR at high noise (v-prediction with zero terminal SNR: the top quarter of timesteps gets ~1/450 of the
+    lowest quarter's), where a sampler decides the layout; floor=1 gives them plain v-loss's weight there.
+    Not for eps-prediction at SNR 0, where the floor divided by SNR is infinite."""
+    clipped = snr.clamp(min=floor, max=gamma)
     if prediction == "eps":
         return clipped / snr
     if prediction == "v":
@@ -142,6 +149,7 @@ class DiscreteDenoiser(nn.Module):
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         min_snr_gamma: float | None = None,
+        min_snr_floor: float = 0.0,
         **cond,
     ) -> torch.Tensor:
         """Per-example L_simple (mean over all but the batch dimension), shape (B,). Take ``.mean()`` to train."""
@@ -158,5 +166,6 @@ class DiscreteDenoiser(nn.Module):
         per_example = (out.float() - target.float()).pow(2).flatten(1).mean(1)
         if min_snr_gamma is not None:
             snr = ac / (1 - ac)
-            per_example = per_example * min_snr_weight(snr, min_snr_gamma, self.prediction).to(per_example)
+            weight = min_snr_weight(snr, min_snr_gamma, self.prediction, min_snr_floor)
+            per_example = per_example * weight.to(per_example)
         return per_example

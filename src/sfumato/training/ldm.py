@@ -191,6 +191,8 @@ class LDMTask:
         is taken from the training images and written into the exported bundle.
     caption_dropout: probability that a caption is replaced by "" (classifier-free guidance; SD used 0.1).
     min_snr_gamma: Min-SNR-γ loss weighting (Hang et al. 2023; 5 is their choice), or None for L_simple.
+    min_snr_floor: with min_snr_gamma, the x0-space weight is clamp(SNR, floor, γ) (`min_snr_weight`): a floor
+        keeps the highest noise levels, where layout is decided, from being trained at a weight near 0.
     cache: a `LatentCache` of this dataset under this VAE and text encoder (`build_latent_cache`); with
         `train_text_encoder` only its latents are read.
     train_text_encoder: train a copy of the text encoder with the U-Net (`TextToImageModel`); the exported
@@ -211,6 +213,7 @@ class LDMTask:
         *,
         caption_dropout: float = 0.1,
         min_snr_gamma: float | None = None,
+        min_snr_floor: float = 0.0,
         seed: int = 0,
         preview_prompts: Sequence[str] = DEFAULT_PROMPTS,
         preview_seeds: Sequence[int] = (0, 1, 2, 3),
@@ -240,6 +243,16 @@ class LDMTask:
             )
         if min_snr_gamma is not None and min_snr_gamma <= 0:
             raise ValueError(f"min_snr_gamma must be positive (Hang et al. use 5) or None, got {min_snr_gamma}")
+        if min_snr_floor and (min_snr_gamma is None or not 0 < min_snr_floor <= min_snr_gamma):
+            raise ValueError(
+                f"min_snr_floor={min_snr_floor} needs min_snr_gamma set and 0 < floor <= gamma "
+                f"(gamma={min_snr_gamma}); 1 gives high noise levels plain v-loss's weight"
+            )
+        if min_snr_floor and schedule.prediction == "eps" and schedule.rescale_betas_zero_snr:
+            raise ValueError(
+                "min_snr_floor with eps-prediction and zero terminal SNR weights t=T by floor/0; use "
+                "prediction='v' (as zero-SNR schedules require anyway) or no floor"
+            )
         check_dropout(caption_dropout)
         if cache is not None and abs(cache.scaling_factor - vae.config.scaling_factor) > 1e-12:
             raise ValueError(
@@ -252,7 +265,7 @@ class LDMTask:
         self.schedule = schedule
         self.train_schedule = discrete_schedule(schedule)  # ᾱ_t table for the loss
         self.caption_dropout = caption_dropout
-        self.min_snr_gamma = min_snr_gamma
+        self.min_snr_gamma, self.min_snr_floor = min_snr_gamma, min_snr_floor
         self.seed = seed
         self.preview_prompts = list(preview_prompts)
         self.preview_seeds = list(preview_seeds)
@@ -326,7 +339,8 @@ class LDMTask:
         # through `model`'s own forward, so that DDP sees the call and synchronises gradients
         denoiser = DiscreteDenoiser(model, self.train_schedule, self.schedule.prediction)
         cond = {"ids": x["ids"]} if "ids" in x else {"context": x["context"]}
-        per_example = denoiser.loss(x["z0"], t=x["t"], noise=x["noise"], min_snr_gamma=self.min_snr_gamma, **cond)
+        per_example = denoiser.loss(x["z0"], t=x["t"], noise=x["noise"], min_snr_gamma=self.min_snr_gamma,
+                                    min_snr_floor=self.min_snr_floor, **cond)  # fmt: skip
         loss = per_example.mean()
         metrics = {"loss": float(loss.detach()), "caption_dropped": float(x["drop"].float().mean())}
         metrics |= t_quartile_metrics(per_example, x["t"], self.train_schedule.num_timesteps)
