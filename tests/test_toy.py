@@ -22,7 +22,8 @@ def _samples(den, n=3000, seed=1):
     return sample_dpmpp_2m(den, x, sigmas, generator=g)
 
 
-@pytest.mark.parametrize("data", ["swiss-roll", pytest.param("moons", marks=pytest.mark.slow)])
+# both slow (~95 s each on 2 cores); test_cli_toy_writes_pngs_and_report trains one in the default run
+@pytest.mark.parametrize("data", [pytest.param(d, marks=pytest.mark.slow) for d in ("swiss-roll", "moons")])
 def test_trained_toy_model_beats_threshold_and_untrained_does_not(data):
     held_out = toy_data(data, 3000, seed=123)
     den, losses = train_toy(ToyTrainConfig(data=data, steps=1500), progress=False)

@@ -52,6 +52,7 @@ def test_train_ldm_needs_its_frozen_parts(tmp_path, capsys):
     assert "choose one of tiny, shapes" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # 97 s on 2 cores; test_train_vae_clip.py::test_clip_task_learns_colours stays in the default run
 def test_short_clip_run_on_shapes_classifies_colors_zero_shot(tmp_path):
     """150 steps of the tiny CLIP on 2,000 shapes images; zero-shot colour on 60 unseen single-object images
     (another dataset seed), prompts ensembled over the shape names. Chance is 1/6."""

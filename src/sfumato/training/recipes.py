@@ -138,18 +138,16 @@ RECIPES: dict[str, dict] = {
         # 16 x 16 latents: levels 16, 8, 4 with attention at 8 and 4. One ResNet block per level (6.7M
         # parameters) trains at ~62 img/s on 2 cores against ~36 with two: more steps beat more depth here.
         "shapes": LDMRecipe(
-            # position_freqs: shapes-3, without it, drew every "at the top/bottom/left/right" prompt at one
-            # place (centroids within 0.2 px over 16 seeds): its attention queries could not tell where they were
+            # Tried and not kept (shapes-4: position_freqs=4 and min_snr_floor=1, README "The shipped model"):
+            # positions stayed at chance, counts rose (48.6 -> 66.7 %), shapes fell (89.9 -> 62.9 %)
             UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(2, 4),
-                       num_heads=4, context_dim=128, position_freqs=4),
+                       num_heads=4, context_dim=128),
             TrainConfig(steps=3600, batch_size=64, lr=4e-4, warmup_steps=200, ema_decay=0.999,
                         preview_every=500, checkpoint_every=250, log_every=25),
             # guidance: what `sfumato eval shapes` scored best at (shapes-1: 3; SD's 7.5 melts the shapes)
             schedule=ScheduleConfig(prediction="v", timestep_spacing="trailing", steps_offset=0,
                                     rescale_betas_zero_snr=True, guidance=3.0),
-            # floor 1: plain Min-SNR-5 gave timesteps 750-999 ~1/450 of the low-noise weight (0.009 vs 4.2,
-            # mean x0-space weight); the first sampling steps, which place the objects, were barely trained
-            data_size=30_000, min_snr_gamma=5.0, min_snr_floor=1.0, cache=True,
+            data_size=30_000, min_snr_gamma=5.0, cache=True,
             # the contrastive text tower hardly separates "a above b" from "b above a" in its token states;
             # trained with the U-Net, it learns what the U-Net must read (shapes-1, frozen: relations at chance)
             train_text_encoder=True,
