@@ -386,8 +386,8 @@ class StableDiffusion:
     # -- text ------------------------------------------------------------------------------------------------
 
     def _chunks(self, text: str) -> list[list[int]]:
-        """Token ids of `text` in chunks of the context length (SD: 77): [start] + up to 75 tokens + [end] +
-        padding."""
+        """Token ids of `text` in chunks of the context length L (SD: 77): [start] + up to L - 2 tokens + [end]
+        + padding."""
         tok = self.tokenizer
         n = tok.context_length - 2
         body = tok.encode(text)[1:-1]  # without start/end tokens
