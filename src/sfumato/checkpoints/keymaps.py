@@ -226,6 +226,12 @@ def _check_diffusers_can_hold(c: UNetConfig) -> None:
             f"this U-Net has position embeddings (position_freqs={c.position_freqs}), which diffusers' "
             "UNet2DConditionModel has no place for; keep it as an sfumato bundle (or single-file ldm checkpoint)"
         )
+    if c.mask_padding:
+        raise ValueError(
+            "this U-Net was trained to attend to the prompt's tokens only (mask_padding=True), and diffusers' "
+            "StableDiffusionPipeline passes no encoder_attention_mask, so its images would differ; keep it as "
+            "an sfumato bundle"
+        )
 
 
 def unet_to_diffusers(state_dict: dict[str, torch.Tensor], config: UNetConfig) -> dict[str, torch.Tensor]:

@@ -232,6 +232,15 @@ class Encoder(nn.Module):
         return tuple(states)
 
 
+def prompt_mask(ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """(B, T) bool: True from the start token through the first end token, False for the padding after it
+    (a row without an end token, one cut at the context length, is all True). What a U-Net with
+    `UNetConfig.mask_padding` attends to."""
+    is_eos = ids == eos_token_id  # (B, T)
+    before = is_eos.int().cumsum(dim=1) - is_eos.int()  # end tokens strictly before each position
+    return before == 0
+
+
 def _init_encoder(encoder: Encoder, width: int) -> None:
     """OpenAI CLIP's initialisation (clip/model.py `initialize_parameters`); a no-op on the meta device."""
     attn_std = width**-0.5

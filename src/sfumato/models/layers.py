@@ -162,10 +162,13 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Multi-head softmax(q k^T / sqrt(hd)) v over token sequences (Vaswani et al. 2017, eq. 1).
 
-    q: (B, Tq, nh*hd), k and v: (B, Tk, nh*hd) -> (B, Tq, nh*hd).
+    q: (B, Tq, nh*hd), k and v: (B, Tk, nh*hd) -> (B, Tq, nh*hd). mask: None or (B, Tk) bool, True for the
+    keys each query may attend to (every row needs at least one).
     """
     B, Tq, C = q.shape
     hd = C // num_heads
@@ -176,7 +179,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int)
     q = q.view(B, Tq, num_heads, hd).transpose(1, 2)  # (B, Tq, nh*hd) -> (B, nh, Tq, hd)
     k = k.view(B, k.shape[1], num_heads, hd).transpose(1, 2)  # (B, Tk, nh*hd) -> (B, nh, Tk, hd)
     v = v.view(B, v.shape[1], num_heads, hd).transpose(1, 2)  # (B, Tk, nh*hd) -> (B, nh, Tk, hd)
-    out = F.scaled_dot_product_attention(q, k, v)  # (B, nh, Tq, hd)
+    if mask is not None:
+        mask = mask[:, None, None, :]  # (B, Tk) -> (B, 1, 1, Tk), broadcast over heads and queries
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, Tq, hd)
     return out.transpose(1, 2).reshape(B, Tq, C)  # (B, nh, Tq, hd) -> (B, Tq, nh*hd)
 
 
@@ -270,9 +275,12 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """mask: None or (B, T_context) bool, True for the context tokens to attend to."""
         context = x if context is None else context
-        h = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.num_heads)
+        h = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.num_heads, mask)
         return self.to_out(h)
 
 
@@ -311,9 +319,11 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
+        x = x + self.attn2(self.norm2(x), context, context_mask)
         return x + self.ff(self.norm3(x))
 
 
@@ -373,7 +383,9 @@ class SpatialTransformer(nn.Module):
             BasicTransformerBlock(inner, num_heads, head_dim, context_dim, dropout) for _ in range(depth)
         )
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         B, C, H, W = x.shape
         h = self.norm(x)
         if not self.use_linear:
@@ -385,7 +397,7 @@ class SpatialTransformer(nn.Module):
             pos = position_fourier_features(H, W, self.position_freqs, x.device, h.dtype)  # (H*W, 4F)
             h = h + self.pos_embed(pos)  # (B, H*W, inner) + (H*W, inner)
         for block in self.transformer_blocks:
-            h = block(h, context)
+            h = block(h, context, context_mask)
         if self.use_linear:
             h = self.proj_out(h)
         h = h.transpose(1, 2).reshape(B, -1, H, W)  # (B, H*W, C) -> (B, C, H, W)
@@ -403,12 +415,13 @@ class TimestepEmbedSequential(nn.Sequential):
         emb: torch.Tensor,
         context: torch.Tensor,
         upsample_size: tuple[int, int] | None = None,
+        context_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
+                x = layer(x, context, context_mask)
             elif isinstance(layer, Upsample):
                 x = layer(x, upsample_size)
             else:

@@ -53,6 +53,11 @@ class UNetConfig:
     # place in the image to its tokens (not in SD or ldm, whose attention sees no position: 0 keeps their
     # layout). Without it a query cannot tell "top" from "bottom" except through the convolutions' zero padding
     position_freqs: int = 0
+    # True: cross-attention reads only the prompt's tokens (start token to end token) and not the padding after
+    # them; callers pass `context_mask` (`sfumato.models.clip.prompt_mask`). SD attends to all 77 tokens (False).
+    # With 20 real tokens out of 32, the near-identical padding states take ~80 % of every query's attention
+    # and carry a word like "top" at 2 % of its own weight: a small model then learns colours but not places
+    mask_padding: bool = False
 
     def __post_init__(self):
         # JSON (checkpoint metadata) brings tuples back as lists
@@ -183,12 +188,16 @@ class UNet(nn.Module):
         t: torch.Tensor | float,
         context: torch.Tensor,
         y: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict the network target (eps or v, per checkpoint) for latents `x` at timesteps `t`.
 
         x: (B, in_channels, H, W), any H and W (multiples of `config.downsample_factor` need no resizing).
         t: (B,) or a scalar, integer or fractional timesteps in the training range (0..999 for SD).
         context: (B, T, context_dim) text embeddings. y: (B, adm_in_channels) when the config has it.
+        context_mask: None (attend to every context token) or (B, T) bool, True for the tokens to attend to
+            (diffusers' `encoder_attention_mask`); a model with `config.mask_padding` was trained with
+            `prompt_mask` of its token ids and expects it.
         """
         c = self.config
         B, C, H, W = x.shape
@@ -207,6 +216,14 @@ class UNet(nn.Module):
                 f"y must be given exactly when config.adm_in_channels is set; adm_in_channels="
                 f"{c.adm_in_channels}, y is {'None' if y is None else tuple(y.shape)}"
             )
+        if context_mask is not None:
+            if context_mask.shape != context.shape[:2] or context_mask.dtype != torch.bool:
+                raise ValueError(
+                    f"context_mask must be a bool tensor of shape {tuple(context.shape[:2])} (batch, tokens), got "
+                    f"{context_mask.dtype} {tuple(context_mask.shape)}"
+                )
+            if not bool(context_mask.any(1).all()):
+                raise ValueError("every row of context_mask needs a True token (at least the start token)")
         t = torch.as_tensor(t, device=x.device)
         if t.numel() == 1:
             t = t.reshape(1).expand(B)  # scalar -> (B,)
@@ -220,12 +237,12 @@ class UNet(nn.Module):
 
         h, skips = x, []
         for stage in self.input_blocks:
-            h = stage(h, emb, context)
+            h = stage(h, emb, context, context_mask=context_mask)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
+        h = self.middle_block(h, emb, context, context_mask=context_mask)
         for stage in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)  # (B, C, H, W) + (B, Cs, H, W) -> (B, C+Cs, H, W)
             # any latent size works: a stage that upsamples meets the size of the skip it is joined to next
             # (2H, or 2H - 1 where a stride-2 convolution rounded an odd side up)
-            h = stage(h, emb, context, skips[-1].shape[-2:] if skips else None)
+            h = stage(h, emb, context, skips[-1].shape[-2:] if skips else None, context_mask)
         return self.out(h)

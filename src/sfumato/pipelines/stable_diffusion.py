@@ -46,6 +46,7 @@ from sfumato.diffusion.schedules import (
     sampling_sigmas,
     timesteps,
 )
+from sfumato.models.clip import prompt_mask
 from sfumato.pipelines.images import (
     check_size,
     image_to_tensor,
@@ -248,10 +249,10 @@ class _InpaintUNet(torch.nn.Module):
         super().__init__()
         self.unet, self.mask, self.masked_latents = unet, mask, masked_latents
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, **kw) -> torch.Tensor:
         reps = x.shape[0] // self.mask.shape[0]  # CFG doubles the batch: [uncond; cond]
         extra = torch.cat([self.mask, self.masked_latents], 1).repeat(reps, 1, 1, 1)  # (B, 5, h, w)
-        return self.unet(torch.cat([x, extra], 1), t, context)  # (B, 4 + 1 + 4, h, w)
+        return self.unet(torch.cat([x, extra], 1), t, context, **kw)  # (B, 4 + 1 + 4, h, w)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -404,27 +405,42 @@ class StableDiffusion:
         clip_skip: use the hidden state that many layers before the last (diffusers' ``clip_skip``; A1111's
         "Clip skip: n" is n - 1), through the final LayerNorm.
         """
+        return self._encode_text(prompts, clip_skip, min_chunks)[0]
+
+    def _encode_text(
+        self, prompts: Sequence[str], clip_skip: int, min_chunks: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`encode_prompts`'s embeddings (P, L * k, D) and their `prompt_mask` (P, L * k), chunk by chunk."""
         chunked = [self._chunks(p) for p in prompts]
         k = max(min_chunks, *(len(c) for c in chunked))
         empty = self._chunks("")[0]
         rows = [c + [empty] * (k - len(c)) for c in chunked]  # P x k x L
         ids = torch.tensor([chunk for row in rows for chunk in row], device=self.device)  # (P * k, L)
         hidden = self.text_encoder(ids, skip=clip_skip).last_hidden_state  # (P * k, L, D)
-        return hidden.reshape(len(prompts), -1, hidden.shape[-1])  # (P * k, L, D) -> (P, k * L, D)
+        mask = prompt_mask(ids, self.tokenizer.eos_token_id)  # (P * k, L)
+        P = len(prompts)
+        return hidden.reshape(P, -1, hidden.shape[-1]), mask.reshape(P, -1)  # -> (P, k * L, D), (P, k * L)
 
     def _contexts(
         self, prompts: list[str], negatives: list[str], guidance: float, clip_skip: int, batch: int
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Conditional and (when guided) unconditional contexts, each repeated `batch` times per prompt."""
-        cond = self.encode_prompts(prompts, clip_skip)
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        """The U-Net's text arguments for the conditional and (when guided) the unconditional pass, each
+        repeated `batch` times per prompt: {"context": (N, T, D)}, and "context_mask" (N, T) for a U-Net
+        trained with `mask_padding`."""
+        cond = self._encode_text(prompts, clip_skip)
         uncond = None
         if guidance > 1:
             n = self.tokenizer.context_length  # 77 for SD; our own models may use fewer
-            uncond = self.encode_prompts(negatives, clip_skip, min_chunks=cond.shape[1] // n)
-            if uncond.shape[1] > cond.shape[1]:  # a negative prompt longer than the prompt
-                cond = self.encode_prompts(prompts, clip_skip, min_chunks=uncond.shape[1] // n)
-            uncond = uncond.repeat_interleave(batch, 0)  # (P, T, D) -> (P * batch, T, D)
-        return cond.repeat_interleave(batch, 0), uncond
+            uncond = self._encode_text(negatives, clip_skip, min_chunks=cond[0].shape[1] // n)
+            if uncond[0].shape[1] > cond[0].shape[1]:  # a negative prompt longer than the prompt
+                cond = self._encode_text(prompts, clip_skip, min_chunks=uncond[0].shape[1] // n)
+        masked = self.unet.config.mask_padding
+
+        def kwargs(pair: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+            context, mask = (t.repeat_interleave(batch, 0) for t in pair)  # (P, ...) -> (P * batch, ...)
+            return {"context": context, "context_mask": mask} if masked else {"context": context}
+
+        return kwargs(cond), (kwargs(uncond) if uncond is not None else None)
 
     # -- latents and images ------------------------------------------------------------------------------
 
@@ -485,8 +501,8 @@ class StableDiffusion:
         sigmas: torch.Tensor,
         plan: StepPlan,
         sampler: str,
-        cond: torch.Tensor,
-        uncond: torch.Tensor | None,
+        cond: dict[str, torch.Tensor],
+        uncond: dict[str, torch.Tensor] | None,
         guidance: float,
         generators: list[torch.Generator],
         *,
@@ -501,10 +517,7 @@ class StableDiffusion:
         denoiser = DiscreteDenoiser(
             unet if unet is not None else self.unet, plan.schedule, self.schedule.prediction, plan.quantize
         )
-        if uncond is None:
-            guided = classifier_free_guidance(denoiser, 1.0, {"context": cond}, {})
-        else:
-            guided = classifier_free_guidance(denoiser, guidance, {"context": cond}, {"context": uncond})
+        guided = classifier_free_guidance(denoiser, 1.0 if uncond is None else guidance, cond, uncond or {})
         if blend is not None:
             guided = _blended(guided, blend)
 
@@ -798,8 +811,7 @@ class StableDiffusion:
         z0 = self._encode(pixels, None)
         cond, uncond = self._contexts([prompt], [""], guidance, clip_skip, 1)
         denoiser = DiscreteDenoiser(self.unet, plan.schedule, self.schedule.prediction)
-        uncond_kw = {"context": uncond} if uncond is not None else {}
-        guided = classifier_free_guidance(denoiser, guidance, {"context": cond}, uncond_kw)
+        guided = classifier_free_guidance(denoiser, guidance, cond, uncond or {})
         sigmas = plan.sigmas
         x = z0 * math.sqrt(1 + float(sigmas[-1]) ** 2)  # the clean latent as DDIM's last (VE) sample
         bar = _Progress(len(sigmas) - 1, callback, progress, "inverting")
@@ -857,11 +869,15 @@ class StableDiffusion:
         for start in range(0, len(points), batch):
             chunk = points[start : start + batch]
             noise = torch.cat([slerp(noises[k], noises[k + 1], t) for k, t in chunk])  # (b, 4, h, w)
-            cond = torch.stack([torch.lerp(cond_all[k], cond_all[k + 1], t) for k, t in chunk])  # (b, T, D)
+            ctx = cond_all["context"]
+            cond = {"context": torch.stack([torch.lerp(ctx[k], ctx[k + 1], t) for k, t in chunk])}  # (b, T, D)
+            if "context_mask" in cond_all:  # a blend of two prompts reads the tokens of both
+                m = cond_all["context_mask"]
+                cond["context_mask"] = torch.stack([m[k] | m[k + 1] for k, _ in chunk])  # (b, T)
             # a frame's sampler noise continues its keyframe's generator after the initial noise draw, as in
             # generate(), so that keyframes are generate(prompt_i, seed=seed_i) with stochastic samplers too
             gens = [_drawn(seeds[k + 1] if t == 1 else seeds[k], shape) for k, t in chunk]
-            u = uncond[:1].expand(len(chunk), -1, -1) if uncond is not None else None
+            u = None if uncond is None else {k: v[:1].expand(len(chunk), *v.shape[1:]) for k, v in uncond.items()}
             x = (noise * plan.start_scale).to(self.device, self.dtype)
             z = self._denoise(x, plan.sigmas, plan, sampler, cond, u, guidance, gens, eta=None,
                               callback=callback, progress=progress,

@@ -35,7 +35,7 @@ from torch import nn
 from sfumato.checkpoints.bundle import Bundle, ScheduleConfig, save_bundle
 from sfumato.data.cache import LatentCache
 from sfumato.diffusion.denoisers import DiscreteDenoiser
-from sfumato.models.clip import CLIPTextModel
+from sfumato.models.clip import CLIPTextModel, prompt_mask
 from sfumato.models.unet import UNet, UNetConfig
 from sfumato.models.vae import AutoencoderKL
 from sfumato.pipelines.metadata import save_png  # atomic: temporary name, then rename
@@ -141,7 +141,8 @@ class TextToImageModel(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         context = self.text_encoder(ids).last_hidden_state
-        return self.unet(x, t, context=context.to(x.dtype))
+        mask = prompt_mask(ids, self.text_encoder.config.eos_token_id) if self.unet.config.mask_padding else None
+        return self.unet(x, t, context=context.to(x.dtype), context_mask=mask)
 
 
 def check_size(H: int, W: int, factor: int, what: str) -> None:
@@ -329,6 +330,9 @@ class LDMTask:
                 if self.joint is None:
                     cond["context"] = self.text.contexts(captions, drop, device)
             z0 = (mean + std * posterior_eps) * self.vae.config.scaling_factor
+        if "context" in cond and self.unet.config.mask_padding:
+            ids = self.text.tokenizer(["" if d else c for c, d in zip(captions, drop.tolist())])
+            cond["context_mask"] = prompt_mask(ids, self.text.tokenizer.eos_token_id).to(device)
         return {"z0": z0, "t": t, "noise": noise, "drop": drop, **cond}
 
     def loss(
@@ -338,7 +342,7 @@ class LDMTask:
         x = self.prepare(batch, rng, device)
         # through `model`'s own forward, so that DDP sees the call and synchronises gradients
         denoiser = DiscreteDenoiser(model, self.train_schedule, self.schedule.prediction)
-        cond = {"ids": x["ids"]} if "ids" in x else {"context": x["context"]}
+        cond = {k: x[k] for k in ("ids", "context", "context_mask") if k in x}
         per_example = denoiser.loss(x["z0"], t=x["t"], noise=x["noise"], min_snr_gamma=self.min_snr_gamma,
                                     min_snr_floor=self.min_snr_floor, **cond)  # fmt: skip
         loss = per_example.mean()
