@@ -361,6 +361,30 @@ def test_captions_are_true():
     assert seen_counts > 20
 
 
+def test_caption_probabilities_change_captions_not_images():
+    """position_prob / relation_prob say how often a true place or relation is stated; the layouts stay."""
+    base = ShapesDataset(600, seed=4)
+    always = ShapesDataset(600, seed=4, position_prob=1.0, relation_prob=1.0)
+    never = ShapesDataset(600, seed=4, position_prob=0.0, relation_prob=0.0)
+    counts = {"base": 0, "always": 0}
+    for i in range(len(base)):
+        a, b, c = base.attributes(i), always.attributes(i), never.attributes(i)
+        assert a["objects"] == b["objects"] == c["objects"]
+        objects = a["objects"]
+        assert c["position"] is None and c["relation"] is None
+        if len(objects) == 1 and true_positions(objects[0]["center"], base.image_size):
+            assert b["position"] is not None, b["caption"]  # a place that applies is always stated
+        if a["position"] is not None or a["relation"] is not None:
+            assert a["caption"] == b["caption"]  # what the default states, probability 1 states too
+        counts["base"] += a["position"] is not None or a["relation"] is not None
+        counts["always"] += b["position"] is not None or b["relation"] is not None
+    assert counts["always"] > 1.3 * counts["base"]
+    assert base.fingerprint() != always.fingerprint()
+    assert torch.equal(base[5]["image"], always[5]["image"])
+    with pytest.raises(ValueError, match="position_prob must be a probability in \\[0, 1\\], got 1.5"):
+        ShapesDataset(10, position_prob=1.5)
+
+
 def test_relation_between_and_positions():
     def box(x, y, r=2):
         return {"center": [x, y], "bbox": [x - r, y - r, x + r, y + r]}

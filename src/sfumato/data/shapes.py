@@ -342,14 +342,15 @@ def _counted(rng: random.Random, objects: list[dict], use_size: bool) -> str:
 
 
 def _caption(
-    rng: random.Random, objects: list[dict], image_size: int
+    rng: random.Random, objects: list[dict], image_size: int, position_prob: float = 0.5, relation_prob: float = 0.8
 ) -> tuple[str, dict | None, dict | None]:
-    """(caption, stated relation or None, stated position or None); every statement is true of the layout."""
+    """(caption, stated relation or None, stated position or None); every statement is true of the layout.
+    The draws do not depend on the probabilities, so they change which statements are made, not the layout."""
     n = len(objects)
     use_size = rng.random() < 0.4  # sizes are always true: the ranges of "small" and "large" do not meet
     if n == 1:
         where = true_positions(objects[0]["center"], image_size)
-        if where and rng.random() < 0.5:
+        if where and rng.random() < position_prob:
             pos = _pick(rng, where)
             return f"{_phrase(objects[0], use_size)} {POSITIONS[pos]}", None, {"object": 0, "position": pos}
         return _phrase(objects[0], use_size), None, None
@@ -359,7 +360,7 @@ def _caption(
             return _counted(rng, objects, use_size), None, None
         i, j = (0, 1) if rng.random() < 0.5 else (1, 0)
         rel = relation_between(objects[i], objects[j])
-        if rel and rng.random() < 0.8:
+        if rel and rng.random() < relation_prob:
             caption = f"{_phrase(objects[i], use_size)} {RELATIONS[rel]} {_phrase(objects[j], use_size)}"
             return caption, {"subject": i, "object": j, "relation": rel}, None
         return f"{_phrase(objects[i], use_size)} and {_phrase(objects[j], use_size)}", None, None
@@ -401,6 +402,9 @@ class ShapesDataset(Dataset):
     holdout: None or a dict like DEFAULT_HOLDOUT. Held-out colour-shape pairs are never drawn; an image in
     which a held-out relation holds between two objects (by `relation_between`) is redrawn. `holdout_prompts`
     lists the prompts to evaluate them with.
+    position_prob: how often a one-object caption states the object's place when one applies ("... at the
+        top"); relation_prob: how often a two-object caption states their relation when one holds ("... above
+        ..."). Only the captions change with them: item i's image is the same for every value.
     """
 
     def __init__(
@@ -412,6 +416,8 @@ class ShapesDataset(Dataset):
         min_objects: int = 1,
         max_objects: int = 3,
         holdout: Mapping | None = None,
+        position_prob: float = 0.5,
+        relation_prob: float = 0.8,
     ):
         if size < 0:
             raise ValueError(f"size must be >= 0, got {size}")
@@ -424,6 +430,10 @@ class ShapesDataset(Dataset):
                 f"need 1 <= min_objects <= max_objects <= {_MAX_OBJECTS}, got min_objects={min_objects}, "
                 f"max_objects={max_objects}"
             )
+        for name, p in (("position_prob", position_prob), ("relation_prob", relation_prob)):
+            if not 0 <= p <= 1:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
+        self.position_prob, self.relation_prob = float(position_prob), float(relation_prob)
         self.size, self.image_size, self.seed = int(size), int(image_size), int(seed)
         self.min_objects, self.max_objects = min_objects, max_objects
         self.holdout = holdout
@@ -467,7 +477,7 @@ class ShapesDataset(Dataset):
                 f"could not lay out item {i} in {_LAYOUT_TRIES} tries (max_objects={self.max_objects} at "
                 f"{self.image_size} px); lower max_objects"
             )
-        caption, relation, position = _caption(rng, objects, self.image_size)
+        caption, relation, position = _caption(rng, objects, self.image_size, self.position_prob, self.relation_prob)
         return {
             "objects": objects,
             "relation": relation,
@@ -479,7 +489,8 @@ class ShapesDataset(Dataset):
     def fingerprint(self) -> str:
         """A cheap identity of the data (for caches keyed on it): the arguments and the rendering version."""
         held = _normalise_holdout(self.holdout)
-        parts = [_RENDER_VERSION, self.size, self.image_size, self.seed, self.min_objects, self.max_objects]
+        parts = [_RENDER_VERSION, self.size, self.image_size, self.seed, self.min_objects, self.max_objects,
+                 self.position_prob, self.relation_prob]  # fmt: skip
         return f"shapes:{parts}:{sorted(held[0])}:{sorted(held[1])}"
 
     def image(self, i: int) -> Image.Image:
