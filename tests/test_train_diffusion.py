@@ -139,6 +139,20 @@ def test_caption_dropout_per_example(parts):
     assert abs(float(rate) - 0.5) < 0.11
 
 
+def test_high_noise_share_draws_that_share_from_the_top_timesteps(parts):
+    data, device = SolidColours(n=400), torch.device("cpu")
+    batch, idx = batch_of(data, range(400)), torch.arange(400)
+    t_plain = ldm_task(parts).prepare(batch, BatchRandom(0, 0, idx), device)["t"]
+    t_off = ldm_task(parts, high_noise_share=0.0).prepare(batch, BatchRandom(0, 0, idx), device)["t"]
+    assert torch.equal(t_plain, t_off)  # off: the draws of a task without it
+    t_all = ldm_task(parts, high_noise_share=1.0, high_noise_from=900).prepare(batch, BatchRandom(0, 0, idx), device)["t"]
+    assert int(t_all.min()) >= 900 and int(t_all.max()) <= 999 and len(set(t_all.tolist())) > 60
+    t_half = ldm_task(parts, high_noise_share=0.5, high_noise_from=900).prepare(batch, BatchRandom(0, 0, idx), device)["t"]
+    share = float((t_half >= 900).float().mean())  # 0.5 + 0.5 * 0.1 = 0.55 expected; sd of the mean 0.025
+    assert 0.45 < share < 0.65, share
+    assert float((t_half < 900).float().mean()) > 0.35
+
+
 def test_ldm_loss_is_per_example(parts):
     """The loss of a batch of 4 is the mean of two batches of 2 with the same indices (same draws), whatever
     the order: what makes a run equal across process counts and after resume."""
@@ -405,5 +419,9 @@ def test_bad_configs_say_what_to_do(parts):
         ldm_task(parts, "v", min_snr_floor=1.0)
     with pytest.raises(ValueError, match="min_snr_floor=6.0 .* 0 < floor <= gamma"):
         ldm_task(parts, "v", min_snr_gamma=5.0, min_snr_floor=6.0)
+    with pytest.raises(ValueError, match="high_noise_share must be a probability in \\[0, 1\\].*got 1.5"):
+        ldm_task(parts, high_noise_share=1.5)
+    with pytest.raises(ValueError, match="high_noise_from must be a timestep in \\[0, 1000\\), got 1000"):
+        ldm_task(parts, high_noise_share=0.5, high_noise_from=1000)
     with pytest.raises(ValueError, match="in_channels=3"):
         DDPMTask(UNET_PRESETS["tiny"], image_size=8)

@@ -5,7 +5,8 @@ One step of `LDMTask.loss`, per example i of the batch (all random numbers from 
 
     1. u_i ~ U[0, 1): the caption is replaced by "" when u_i < caption_dropout, so that the same network
        also learns the unconditional model that classifier-free guidance needs (Ho & Salimans 2022, sec. 3.2)
-    2. t_i ~ U{0, ..., T-1}
+    2. t_i ~ U{0, ..., T-1}; with `high_noise_share` s > 0, first v_i ~ U[0, 1), then t_i ~ U{T_h, ..., T-1}
+       (T_h = `high_noise_from`) when v_i < s, else U{0, ..., T-1}
     3. e_i ~ N(0, I): the VAE posterior sample z0 = scaling_factor · (μ(x) + σ(x) e_i)   (frozen VAE)
     4. n_i ~ N(0, I): the diffusion noise; x_t = sqrt(ᾱ_t) z0 + sqrt(1 - ᾱ_t) n_i
     loss_i = |U-Net(x_t, t, context_i) - target|², target = n_i (eps) or v (Salimans & Ho 2022)
@@ -194,6 +195,9 @@ class LDMTask:
     min_snr_gamma: Min-SNR-γ loss weighting (Hang et al. 2023; 5 is their choice), or None for L_simple.
     min_snr_floor: with min_snr_gamma, the x0-space weight is clamp(SNR, floor, γ) (`min_snr_weight`): a floor
         keeps the highest noise levels, where layout is decided, from being trained at a weight near 0.
+    high_noise_share, high_noise_from: the share of examples whose timestep is drawn from [high_noise_from, T)
+        instead of [0, T) (diffusers' SDXL script calls this a "later" timestep bias). Where objects go is
+        decided at the first, noisiest steps, and what a prompt says about places is learnt only there.
     cache: a `LatentCache` of this dataset under this VAE and text encoder (`build_latent_cache`); with
         `train_text_encoder` only its latents are read.
     train_text_encoder: train a copy of the text encoder with the U-Net (`TextToImageModel`); the exported
@@ -215,6 +219,8 @@ class LDMTask:
         caption_dropout: float = 0.1,
         min_snr_gamma: float | None = None,
         min_snr_floor: float = 0.0,
+        high_noise_share: float = 0.0,
+        high_noise_from: int = 750,
         seed: int = 0,
         preview_prompts: Sequence[str] = DEFAULT_PROMPTS,
         preview_seeds: Sequence[int] = (0, 1, 2, 3),
@@ -255,6 +261,11 @@ class LDMTask:
                 "prediction='v' (as zero-SNR schedules require anyway) or no floor"
             )
         check_dropout(caption_dropout)
+        if not 0 <= high_noise_share <= 1:
+            raise ValueError(f"high_noise_share must be a probability in [0, 1] (0: uniform timesteps), got {high_noise_share}")
+        T = int(schedule.num_timesteps)
+        if high_noise_share and not 0 <= high_noise_from < T:
+            raise ValueError(f"high_noise_from must be a timestep in [0, {T}), got {high_noise_from}")
         if cache is not None and abs(cache.scaling_factor - vae.config.scaling_factor) > 1e-12:
             raise ValueError(
                 f"the cache was built with scaling_factor {cache.scaling_factor}, the VAE has "
@@ -267,6 +278,7 @@ class LDMTask:
         self.train_schedule = discrete_schedule(schedule)  # ᾱ_t table for the loss
         self.caption_dropout = caption_dropout
         self.min_snr_gamma, self.min_snr_floor = min_snr_gamma, min_snr_floor
+        self.high_noise_share, self.high_noise_from = high_noise_share, high_noise_from
         self.seed = seed
         self.preview_prompts = list(preview_prompts)
         self.preview_seeds = list(preview_seeds)
@@ -309,7 +321,12 @@ class LDMTask:
         latent_shape = (self.vae.config.z_channels, H // f, W // f)
 
         drop = dropped(rng, self.caption_dropout)  # 1.
-        t = rng.randint(self.train_schedule.num_timesteps)  # 2.
+        T = self.train_schedule.num_timesteps
+        if self.high_noise_share:  # 2.
+            high = rng.rand() < self.high_noise_share
+            t = torch.where(high, self.high_noise_from + rng.randint(T - self.high_noise_from), rng.randint(T))
+        else:
+            t = rng.randint(T)
         posterior_eps = rng.randn(*latent_shape).to(device)  # 3.
         noise = rng.randn(*latent_shape).to(device)  # 4.
 

@@ -70,9 +70,13 @@ class LDMRecipe:
     caption_dropout: float = 0.1
     min_snr_gamma: float | None = None
     min_snr_floor: float = 0.0  # x0-space weight clamp(SNR, floor, gamma) (diffusion.denoisers.min_snr_weight)
+    high_noise_share: float = 0.0  # share of examples with t drawn from [high_noise_from, T) (LDMTask)
+    high_noise_from: int = 750
     cache: bool = False  # encode every image and caption once (data.cache) instead of every step
     train_text_encoder: bool = False  # fine-tune (a copy of) the CLIP text tower with the U-Net (LDMTask)
     preview_prompts: tuple[str, ...] = ("a red circle", "a blue square above a green triangle", "")
+    # ShapesDataset caption settings for this stage (position_prob, relation_prob); ignored for image folders
+    shapes_captions: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -138,16 +142,24 @@ RECIPES: dict[str, dict] = {
         # 16 x 16 latents: levels 16, 8, 4 with attention at 8 and 4. One ResNet block per level (6.7M
         # parameters) trains at ~62 img/s on 2 cores against ~36 with two: more steps beat more depth here.
         "shapes": LDMRecipe(
-            # Tried and not kept (shapes-4: position_freqs=4 and min_snr_floor=1, README "The shipped model"):
-            # positions stayed at chance, counts rose (48.6 -> 66.7 %), shapes fell (89.9 -> 62.9 %)
+            # mask_padding: cross-attention reads the prompt, not the 20-odd identical padding states, which took
+            # ~75 % of the attention and carried "top" vs "bottom" at 2 % of their norm (tests/test_prompt_mask.py)
             UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(2, 4),
-                       num_heads=4, context_dim=128),
-            TrainConfig(steps=3600, batch_size=64, lr=4e-4, warmup_steps=200, ema_decay=0.999,
+                       num_heads=4, context_dim=128, mask_padding=True),
+            TrainConfig(steps=4000, batch_size=64, lr=4e-4, warmup_steps=200, ema_decay=0.999,
                         preview_every=500, checkpoint_every=250, log_every=25),
             # guidance: what `sfumato eval shapes` scored best at (shapes-1: 3; SD's 7.5 melts the shapes)
             schedule=ScheduleConfig(prediction="v", timestep_spacing="trailing", steps_offset=0,
                                     rescale_betas_zero_snr=True, guidance=3.0),
-            data_size=30_000, min_snr_gamma=5.0, cache=True,
+            # Min-SNR-5 alone weights t >= 750 at ~0.01 of t < 250 (x0 space), and exactly 0 at zero SNR: the
+            # steps that place objects were hardly trained. A U-Net trained at t = 999 alone learns "top" vs
+            # "bottom" in ~150 steps; the floor gives those steps plain v-loss's weight
+            # and 40 % of examples draw t from the noisiest quarter (55 % in all, not 25 %): at 25 %, 1,000 steps
+            # of this recipe left "top" and "bottom" indistinguishable at t = 999
+            data_size=30_000, min_snr_gamma=5.0, min_snr_floor=1.0, high_noise_share=0.4, high_noise_from=750,
+            cache=True,
+            # every true place and relation stated (27 % and 22 % of captions, against 13 % and 18 %)
+            shapes_captions={"position_prob": 1.0, "relation_prob": 1.0},
             # the contrastive text tower hardly separates "a above b" from "b above a" in its token states;
             # trained with the U-Net, it learns what the U-Net must read (shapes-1, frozen: relations at chance)
             train_text_encoder=True,
@@ -193,12 +205,14 @@ def recipe(task: str, name: str):
     return RECIPES[task][name]
 
 
-def dataset_for(data: str, image_size: int, size: int, *, holdout: bool = True):
-    """`shapes` (built-in; the default held-out combinations excluded) or an image-caption folder."""
+def dataset_for(data: str, image_size: int, size: int, *, holdout: bool = True, **shapes_kw):
+    """`shapes` (built-in; the default held-out combinations excluded; `shapes_kw` go to `ShapesDataset`) or an
+    image-caption folder."""
     if data == "shapes" or data.startswith("shapes:"):
         from sfumato.data.shapes import DEFAULT_HOLDOUT
 
-        return load_dataset(data, image_size=image_size, size=size, holdout=DEFAULT_HOLDOUT if holdout else None)
+        holdout_ = DEFAULT_HOLDOUT if holdout else None
+        return load_dataset(data, image_size=image_size, size=size, holdout=holdout_, **shapes_kw)
     return load_dataset(data, image_size=image_size)
 
 
@@ -261,7 +275,7 @@ def train_ldm(
 ) -> TrainResult:
     from sfumato.training.ldm import LDMTask
 
-    ds = dataset_for(data, r.image_size, r.data_size)
+    ds = dataset_for(data, r.image_size, r.data_size, **r.shapes_captions)
     vae_m = load_model(vae)
     text_m = load_model(text_encoder)
     tok = CLIPTokenizer.from_pretrained(tokenizer)
@@ -275,6 +289,7 @@ def train_ldm(
         cache = build_latent_cache(ds, vae_m, text_m, tok, out / "cache", progress=progress is not False)
     task = LDMTask(unet, vae_m, text_m, tok, schedule, caption_dropout=r.caption_dropout, cache=cache,
                    min_snr_gamma=r.min_snr_gamma, min_snr_floor=r.min_snr_floor, seed=r.train.seed,
+                   high_noise_share=r.high_noise_share, high_noise_from=r.high_noise_from,
                    preview_prompts=r.preview_prompts, train_text_encoder=r.train_text_encoder)  # fmt: skip
     return train(task, ds, r.train, out, resume=resume, until=until, progress=progress)
 
