@@ -5,6 +5,10 @@
   Error: max |Δ| and relative L2 of the output.
 - **compile**: `torch.compile(unet, dynamic=False)` (default inductor mode, what `compile=True` does); the first call's
   time is the warm-up cost; then alternately against eager. Error: max |Δ|.
+- **bfloat16**: the U-Net with bfloat16 weights and inputs (`StableDiffusion(dtype=torch.bfloat16)`), against
+  our float32 model and against diffusers' U-Net cast to bfloat16 the same way, alternately. Worth it only
+  where the CPU multiplies bfloat16 natively (AVX512-BF16, AMX): elsewhere it is slower than float32. Error:
+  max |Δ| and relative L2 against our float32 output.
 - **tiled VAE decode** (`AutoencoderKL.decode_tiled`, `vae_tiling=True`: 64-latent tiles, 16 overlap) of a
   1024² image against the full decode, each in a fresh process for its peak RSS; seam error: max and mean
   |Δ| in 8-bit levels and PSNR of the tiled image against the full one. Random weights (the SD VAE
@@ -17,7 +21,7 @@
 Weights: those of unet_step.py / vae_clip.py (diffusers-built, converted).
 
     .venv/bin/python benchmarks/speed_options.py [--quick] [--threads 2] [--repeat 3]
-        [--only int8,compile,tiled,preview]
+        [--only int8,compile,bf16,tiled,preview]
 """
 
 from __future__ import annotations
@@ -103,6 +107,32 @@ def bench_compile(cases: list[str], repeat: int) -> None:
         report(case, med, out, "compiled", f"  first call (compilation) {warm:.1f} s")
 
 
+def bf16_calls(case: str) -> dict:
+    config, side, tokens = unet_step.CASES[case]
+    ref = unet_step.reference(unet_step.shipped_config() if config is None else config)
+    model = unet_step.ours_from(ref)
+    x, t, ctx = unet_step.inputs(model.config.in_channels, side, tokens, model.config.context_dim)
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    ref = ref.to(torch.bfloat16).eval()
+    xb, cb = x.to(torch.bfloat16), ctx.to(torch.bfloat16)
+    return {
+        "exact": lambda: model(x, t, ctx),
+        "bf16": lambda: half(xb, t, cb).float(),
+        "diffusers-bf16": lambda: ref(xb, t, encoder_hidden_states=cb).sample.float(),
+    }
+
+
+def bench_bf16(cases: list[str], repeat: int) -> None:
+    import warnings
+
+    print("bfloat16 weights and activations (U-Net step), against our float32 and diffusers' bfloat16:")
+    for case in cases:
+        with warnings.catch_warnings():  # diffusers: "modules that should be kept in float32: []"
+            warnings.simplefilter("ignore")
+            med, out = timed(bf16_calls(case), repeat)
+        report(case, med, out, "bf16", f"  ours/diffusers in bf16 {med['bf16'] / med['diffusers-bf16']:.2f}")
+
+
 def child(mode: str, weights: str, side: str, tile: str, out_path: str) -> None:
     from sfumato.checkpoints.native import load_model
 
@@ -175,7 +205,8 @@ def main() -> None:
     if (argv := _bench.child_argv(5)) is not None:
         return child(*argv)
     ap = _bench.parser(__doc__)
-    ap.add_argument("--only", default="int8,compile,tiled,preview")
+    ap.add_argument("--only", default="int8,compile,bf16,tiled,preview")
+    ap.add_argument("--bf16-cases", default="sd15-512,sd15-256,shipped-32px")
     ap.add_argument("--int8-cases", default="sd15-256,shipped-32px,clip-vit-l")
     ap.add_argument("--compile-cases", default="shipped-32px,sd15-256")
     args = ap.parse_args()
@@ -188,6 +219,8 @@ def main() -> None:
         bench_int8(["shipped-32px"] if args.quick else args.int8_cases.split(","), repeat)
     if "compile" in only:
         bench_compile(["shipped-32px"] if args.quick else args.compile_cases.split(","), repeat)
+    if "bf16" in only:
+        bench_bf16(["shipped-32px"] if args.quick else args.bf16_cases.split(","), repeat)
     if "tiled" in only:
         bench_tiled(256 if args.quick else 1024, 16 if args.quick else 64, threads)
     if "preview" in only:

@@ -34,10 +34,15 @@ SD15_UNET = dict(
 
 
 def shipped_config() -> dict:
+    """The shipped U-Net's layout as a diffusers config. Its `mask_padding` (attend to the prompt's tokens
+    only) has no diffusers config entry; the timed calls pass no mask to either side, so both attend to
+    every context token."""
+    from dataclasses import replace
+
     from sfumato.checkpoints.keymaps import unet_config_to_diffusers
     from sfumato.training.recipes import RECIPES
 
-    return unet_config_to_diffusers(RECIPES["ldm"]["shapes"].unet)
+    return unet_config_to_diffusers(replace(RECIPES["ldm"]["shapes"].unet, mask_padding=False))
 
 
 # name -> (diffusers config, latent side, context tokens)

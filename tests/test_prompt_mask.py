@@ -114,6 +114,14 @@ def test_the_pipeline_passes_the_prompt_mask_to_both_halves_of_guidance(tmp_path
     assert torch.equal(cond, torch.cat([torch.arange(L) < n + 2 for n in sizes]))
     assert torch.equal(uncond, torch.cat([torch.arange(L) < 2 for _ in sizes]))  # "" in as many chunks
 
+    # a negative prompt longer than the prompt: the prompt is padded with empty chunks, masks included
+    rec.calls.clear()
+    pipe.generate("a red square", words, steps=1, guidance=4.0, seed=0, width=16, height=16)
+    uncond, cond = rec.calls[0]["context_mask"]
+    n = len(tok.encode("a red square"))
+    assert torch.equal(uncond, torch.cat([torch.arange(L) < k + 2 for k in sizes]))
+    assert torch.equal(cond, torch.cat([torch.arange(L) < n] + [torch.arange(L) < 2 for _ in sizes[1:]]))
+
     # and the mask is what the U-Net reads: garbage in the padding states leaves the image as it was
     image = pipe.generate("a red square", steps=2, guidance=4.0, seed=3, width=16, height=16)[0]
     encoder = pipe.text_encoder

@@ -432,8 +432,12 @@ class StableDiffusion:
         if guidance > 1:
             n = self.tokenizer.context_length  # 77 for SD; our own models may use fewer
             uncond = self._encode_text(negatives, clip_skip, min_chunks=cond[0].shape[1] // n)
-            if uncond[0].shape[1] > cond[0].shape[1]:  # a negative prompt longer than the prompt
-                cond = self._encode_text(prompts, clip_skip, min_chunks=uncond[0].shape[1] // n)
+            extra = (uncond[0].shape[1] - cond[0].shape[1]) // n
+            if extra > 0:  # a negative prompt longer than the prompt: pad the prompt with empty chunks
+                hidden, mask = self._encode_text([""], clip_skip)  # (1, L, D), (1, L)
+                P = len(prompts)
+                cond = (torch.cat([cond[0], hidden.repeat(P, extra, 1)], 1),
+                        torch.cat([cond[1], mask.repeat(P, extra)], 1))  # fmt: skip
         masked = self.unet.config.mask_padding
 
         def kwargs(pair: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
