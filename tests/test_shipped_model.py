@@ -68,6 +68,7 @@ def test_the_shipped_model_brings_its_guidance_and_preview_decoder():
 
 
 @shipped
+@pytest.mark.slow  # 57-77 s
 def test_the_shipped_model_draws_the_colour_it_is_asked_for():
     """Two prompts that differ only in colour: the pixels of each image that are far from the background
     must be nearest, on average, to the colour its prompt names."""
