@@ -332,8 +332,11 @@ class LDMTask:
 
         self._to(device)
         cond = {}
-        if self.joint is not None:  # token ids: the trained text encoder runs inside the model's forward
-            cond["ids"] = self.text.tokenizer(["" if d else c for c, d in zip(captions, drop.tolist())]).to(device)
+        ids = None  # the prompts' token ids ("" where dropped), when the model reads them or masks by them
+        if self.joint is not None or self.unet.config.mask_padding:
+            ids = self.text.tokenizer(["" if d else c for c, d in zip(captions, drop.tolist())]).to(device)
+        if self.joint is not None:  # the trained text encoder runs inside the model's forward (and masks there)
+            cond["ids"] = ids
         with torch.no_grad():
             if self.cache is not None:
                 cached = self.cache.get(indices, device)
@@ -347,9 +350,8 @@ class LDMTask:
                 if self.joint is None:
                     cond["context"] = self.text.contexts(captions, drop, device)
             z0 = (mean + std * posterior_eps) * self.vae.config.scaling_factor
-        if "context" in cond and self.unet.config.mask_padding:
-            ids = self.text.tokenizer(["" if d else c for c, d in zip(captions, drop.tolist())])
-            cond["context_mask"] = prompt_mask(ids, self.text.tokenizer.eos_token_id).to(device)
+        if "context" in cond and ids is not None:
+            cond["context_mask"] = prompt_mask(ids, self.text.tokenizer.eos_token_id)
         return {"z0": z0, "t": t, "noise": noise, "drop": drop, **cond}
 
     def loss(
