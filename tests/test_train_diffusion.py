@@ -12,6 +12,7 @@ from PIL import Image
 import sfumato
 from sfumato.checkpoints.bundle import ScheduleConfig
 from sfumato.data.cache import build_latent_cache
+from sfumato.diffusion.denoisers import DiscreteDenoiser
 from sfumato.models.clip import CLIPTextModel
 from sfumato.models.unet import UNET_PRESETS, UNetConfig
 from sfumato.training.ddpm import DDPM_SCHEDULE, DDPMTask, load_ddpm, sample_images
@@ -153,6 +154,32 @@ def test_high_noise_share_draws_that_share_from_the_top_timesteps(parts):
     assert 0.45 < share < 0.65, share
     assert float((t_half < 900).float().mean()) > 0.35
 
+
+
+def test_layout_steps_end_the_high_noise_share_and_the_floor(parts):
+    """Before `layout_steps` the task draws and weighs like one with the share and floor for the whole run;
+    from then on timesteps are uniform and the floor is gone."""
+    data, device = SolidColours(n=400), torch.device("cpu")
+    batch, idx = batch_of(data, range(400)), torch.arange(400)
+    kw = dict(min_snr_gamma=5.0, min_snr_floor=1.0, high_noise_share=1.0, high_noise_from=900)
+    task, always = ldm_task(parts, "v", layout_steps=3, **kw), ldm_task(parts, "v", **kw)
+    t2 = task.prepare(batch, BatchRandom(0, 2, idx), device, 2)["t"]
+    assert torch.equal(t2, always.prepare(batch, BatchRandom(0, 2, idx), device, 2)["t"])
+    assert int(t2.min()) >= 900
+    t3 = task.prepare(batch, BatchRandom(0, 3, idx), device, 3)["t"]
+    share = float((t3 >= 900).float().mean())  # uniform: 0.1 expected, sd of the mean 0.015
+    assert 0.04 < share < 0.16 and int(t3.min()) < 100, share
+
+    small, model = batch_of(data, range(8)), task.trainable()
+    denoiser = DiscreteDenoiser(model, task.train_schedule, "v")
+    with torch.no_grad():
+        for step, floor in ((2, 1.0), (3, 0.0)):
+            x = task.prepare(small, BatchRandom(0, step, range(8)), device, step)
+            weighed = {f: denoiser.loss(x["z0"], t=x["t"], noise=x["noise"], min_snr_gamma=5.0, min_snr_floor=f,
+                                        context=x["context"]).mean() for f in (0.0, 1.0)}  # fmt: skip
+            assert abs(float(weighed[0.0] - weighed[1.0])) > 1e-3  # the floor matters at these timesteps
+            got = task.loss(small, BatchRandom(0, step, range(8)), step, model)[0]
+            torch.testing.assert_close(got, weighed[floor])
 
 def test_ldm_loss_is_per_example(parts):
     """The loss of a batch of 4 is the mean of two batches of 2 with the same indices (same draws), whatever
@@ -424,5 +451,7 @@ def test_bad_configs_say_what_to_do(parts):
         ldm_task(parts, high_noise_share=1.5)
     with pytest.raises(ValueError, match="high_noise_from must be a timestep in \\[0, 1000\\), got 1000"):
         ldm_task(parts, high_noise_share=0.5, high_noise_from=1000)
+    with pytest.raises(ValueError, match="layout_steps=100 ends a layout phase that needs high_noise_share"):
+        ldm_task(parts, layout_steps=100)
     with pytest.raises(ValueError, match="in_channels=3"):
         DDPMTask(UNET_PRESETS["tiny"], image_size=8)

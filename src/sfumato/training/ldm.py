@@ -6,7 +6,8 @@ One step of `LDMTask.loss`, per example i of the batch (all random numbers from 
     1. u_i ~ U[0, 1): the caption is replaced by "" when u_i < caption_dropout, so that the same network
        also learns the unconditional model that classifier-free guidance needs (Ho & Salimans 2022, sec. 3.2)
     2. t_i ~ U{0, ..., T-1}; with `high_noise_share` s > 0, first v_i ~ U[0, 1), then t_i ~ U{T_h, ..., T-1}
-       (T_h = `high_noise_from`) when v_i < s, else U{0, ..., T-1}
+       (T_h = `high_noise_from`) when v_i < s, else U{0, ..., T-1}. With `layout_steps` L, that holds for
+       steps < L; from step L on the same numbers are drawn and t_i is the U{0, ..., T-1} draw
     3. e_i ~ N(0, I): the VAE posterior sample z0 = scaling_factor · (μ(x) + σ(x) e_i)   (frozen VAE)
     4. n_i ~ N(0, I): the diffusion noise; x_t = sqrt(ᾱ_t) z0 + sqrt(1 - ᾱ_t) n_i
     loss_i = |U-Net(x_t, t, context_i) - target|², target = n_i (eps) or v (Salimans & Ho 2022)
@@ -198,6 +199,9 @@ class LDMTask:
     high_noise_share, high_noise_from: the share of examples whose timestep is drawn from [high_noise_from, T)
         instead of [0, T) (diffusers' SDXL script calls this a "later" timestep bias). Where objects go is
         decided at the first, noisiest steps, and what a prompt says about places is learnt only there.
+    layout_steps: a two-phase run. For steps < layout_steps, `high_noise_share` and `min_snr_floor` apply (the
+        layout phase); from then on timesteps are uniform and the weight is plain Min-SNR-γ (the detail
+        phase: the low noise levels, where edges are drawn, get their full share back). None: the whole run.
     cache: a `LatentCache` of this dataset under this VAE and text encoder (`build_latent_cache`); with
         `train_text_encoder` only its latents are read.
     train_text_encoder: train a copy of the text encoder with the U-Net (`TextToImageModel`); the exported
@@ -221,6 +225,7 @@ class LDMTask:
         min_snr_floor: float = 0.0,
         high_noise_share: float = 0.0,
         high_noise_from: int = 750,
+        layout_steps: int | None = None,
         seed: int = 0,
         preview_prompts: Sequence[str] = DEFAULT_PROMPTS,
         preview_seeds: Sequence[int] = (0, 1, 2, 3),
@@ -266,6 +271,11 @@ class LDMTask:
         T = int(schedule.num_timesteps)
         if high_noise_share and not 0 <= high_noise_from < T:
             raise ValueError(f"high_noise_from must be a timestep in [0, {T}), got {high_noise_from}")
+        if layout_steps is not None and (layout_steps < 0 or not (high_noise_share or min_snr_floor)):
+            raise ValueError(
+                f"layout_steps={layout_steps} ends a layout phase that needs high_noise_share > 0 or "
+                f"min_snr_floor > 0 and a step count >= 0; leave it None for a single-phase run"
+            )
         if cache is not None and abs(cache.scaling_factor - vae.config.scaling_factor) > 1e-12:
             raise ValueError(
                 f"the cache was built with scaling_factor {cache.scaling_factor}, the VAE has "
@@ -279,6 +289,7 @@ class LDMTask:
         self.caption_dropout = caption_dropout
         self.min_snr_gamma, self.min_snr_floor = min_snr_gamma, min_snr_floor
         self.high_noise_share, self.high_noise_from = high_noise_share, high_noise_from
+        self.layout_steps = layout_steps
         self.seed = seed
         self.preview_prompts = list(preview_prompts)
         self.preview_seeds = list(preview_seeds)
@@ -310,9 +321,16 @@ class LDMTask:
             self.vae.to(device)
         self.text.to(device)
 
-    def prepare(self, batch: dict, rng: BatchRandom, device: torch.device) -> dict[str, torch.Tensor]:
+    def in_layout_phase(self, step: int | None) -> bool:
+        """Whether `step` trains with the high-noise share and the Min-SNR floor (see `layout_steps`)."""
+        return self.layout_steps is None or (step is not None and step < self.layout_steps)
+
+    def prepare(
+        self, batch: dict, rng: BatchRandom, device: torch.device, step: int | None = None
+    ) -> dict[str, torch.Tensor]:
         """The inputs of one loss evaluation: latents z0 (B, z, h, w), context (B, T, D), t (B,), noise
-        (B, z, h, w) and drop (B,) bool, all from `rng` as described in the module docstring."""
+        (B, z, h, w) and drop (B,) bool, all from `rng` as described in the module docstring. `step` matters
+        only with `layout_steps` (None counts as past the layout phase)."""
         images, captions, indices = batch["image"], list(batch["caption"]), batch["index"].tolist()
         B, _, H, W = images.shape
         f = self.vae.config.downsample_factor
@@ -324,7 +342,8 @@ class LDMTask:
         T = self.train_schedule.num_timesteps
         if self.high_noise_share:  # 2.
             high = rng.rand() < self.high_noise_share
-            t = torch.where(high, self.high_noise_from + rng.randint(T - self.high_noise_from), rng.randint(T))
+            high_t, uniform_t = self.high_noise_from + rng.randint(T - self.high_noise_from), rng.randint(T)
+            t = torch.where(high, high_t, uniform_t) if self.in_layout_phase(step) else uniform_t
         else:
             t = rng.randint(T)
         posterior_eps = rng.randn(*latent_shape).to(device)  # 3.
@@ -358,12 +377,13 @@ class LDMTask:
         self, batch: dict, rng: BatchRandom, step: int, model: nn.Module
     ) -> tuple[torch.Tensor, dict[str, float]]:
         device = next(model.parameters()).device
-        x = self.prepare(batch, rng, device)
+        x = self.prepare(batch, rng, device, step)
+        floor = self.min_snr_floor if self.in_layout_phase(step) else 0.0
         # through `model`'s own forward, so that DDP sees the call and synchronises gradients
         denoiser = DiscreteDenoiser(model, self.train_schedule, self.schedule.prediction)
         cond = {k: x[k] for k in ("ids", "context", "context_mask") if k in x}
         per_example = denoiser.loss(x["z0"], t=x["t"], noise=x["noise"], min_snr_gamma=self.min_snr_gamma,
-                                    min_snr_floor=self.min_snr_floor, **cond)  # fmt: skip
+                                    min_snr_floor=floor, **cond)  # fmt: skip
         loss = per_example.mean()
         metrics = {"loss": float(loss.detach()), "caption_dropped": float(x["drop"].float().mean())}
         metrics |= t_quartile_metrics(per_example, x["t"], self.train_schedule.num_timesteps)
