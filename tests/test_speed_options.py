@@ -43,6 +43,37 @@ def test_conv_fast_paths_match_conv2d(cin, cout, side, kernel, stride, padding):
     torch.testing.assert_close(got_grad, expected, rtol=0, atol=0)
 
 
+
+@pytest.mark.parametrize("cin, cout, side, kernel, stride, padding", [(64, 64, 2, 3, 1, 1), (16, 32, 5, 1, 1, 0)])
+def test_conv_fast_paths_leave_channels_last_to_onednn(cin, cout, side, kernel, stride, padding):
+    """`model.to(memory_format=torch.channels_last)` (the usual tip for oneDNN and tensor cores): the matrix
+    paths, which assume contiguous NCHW, step aside instead of failing on the weight's strides."""
+    torch.manual_seed(0)
+    conv = Conv2d(cin, cout, kernel, stride=stride, padding=padding).to(memory_format=torch.channels_last)
+    x = torch.randn(2, cin, side, side).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        got = conv(x)
+    torch.testing.assert_close(got, F.conv2d(x, conv.weight, conv.bias, stride, padding), rtol=1e-5, atol=1e-5)
+
+
+def test_a_channels_last_unet_and_vae_compute_what_the_contiguous_ones_do():
+    from sfumato.models.unet import UNET_PRESETS, UNet
+
+    torch.manual_seed(0)
+    unet, vae = UNet(UNET_PRESETS["tiny"]).eval(), _vae()
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([10.0, 900.0])
+    ctx = torch.randn(2, 5, unet.config.context_dim)
+    image = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = unet(x, t, ctx), vae.decode(vae.encode(image).mean)
+        unet.to(memory_format=torch.channels_last), vae.to(memory_format=torch.channels_last)
+        cl = lambda a: a.contiguous(memory_format=torch.channels_last)  # noqa: E731
+        got = unet(cl(x), t, ctx), vae.decode(vae.encode(cl(image)).mean)
+        up = Upsample(8).to(memory_format=torch.channels_last)
+        assert up(cl(torch.randn(1, 8, 4, 4))).is_contiguous(memory_format=torch.channels_last)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
 @pytest.mark.parametrize("shape", [(2, 8, 5, 7), (1, 64, 4, 4), (1, 32, 1, 1)])
 def test_upsample_conv_is_nearest_upsampling_then_conv(shape):
     torch.manual_seed(0)

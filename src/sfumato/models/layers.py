@@ -59,9 +59,10 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, str
     feature map small (the 1280-channel 4x4 and 8x8 levels of the SD U-Net at 256 px), that dominates, and
     im2col (`F.unfold`) followed by one `addmm` on the weight as stored is 1.3-2.4x faster. 1x1 convolutions
     (no padding, stride 1) are a batched matrix product, which avoids torch's slow im2col path for them.
-    Both are the same sums in another order (float32 rounding differs, about 1e-6 relative).
+    Both are the same sums in another order (float32 rounding differs, about 1e-6 relative). Inputs or weights
+    in another memory format (`channels_last`) go to `F.conv2d`, which oneDNN runs in that format.
     """
-    if not FAST_CONV:
+    if not (FAST_CONV and x.is_contiguous() and weight.is_contiguous()):
         return F.conv2d(x, weight, bias, stride, padding)
     B, C, H, W = x.shape
     Co, _, kh, kw = weight.shape
@@ -110,7 +111,7 @@ def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     odd rows 2i+1 read (i, i+1) with (w0 + w1, w2); columns alike. One convolution with the four phase
     kernels stacked (4*Co outputs, 2x2, padding 1) gives all phases: 16 instead of 36 multiply-adds per input
     pixel and channel pair, and no 4x larger input. The same sums, grouped differently (float32 rounding
-    differs, about 1e-6 relative). x: (B, C, H, W) -> (B, Co, 2H, 2W).
+    differs, about 1e-6 relative). x: (B, C, H, W) -> (B, Co, 2H, 2W), in x's memory format.
     """
     B, C, H, W = x.shape
     Co = weight.shape[0]
@@ -125,7 +126,10 @@ def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     # phase (a, b) is y's block 2a + b at offset (a, b); interleave: (2, 2, B, Co, H, W) -> (B, Co, 2H, 2W)
     phases = torch.stack([y[:, (2 * a + b) * Co : (2 * a + b + 1) * Co, a : a + H, b : b + W]
                           for a in (0, 1) for b in (0, 1)])  # fmt: skip
-    return phases.view(2, 2, B, Co, H, W).permute(2, 3, 4, 0, 5, 1).reshape(B, Co, 2 * H, 2 * W)
+    out = phases.view(2, 2, B, Co, H, W).permute(2, 3, 4, 0, 5, 1).reshape(B, Co, 2 * H, 2 * W)
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        out = out.contiguous(memory_format=torch.channels_last)  # keep a channels_last network in its format
+    return out
 
 
 def group_norm(channels: int, eps: float) -> GroupNorm32:
