@@ -1,12 +1,14 @@
 """The opt-in faster-than-exact / lower-memory modes, each with its speed-up and its measured output error.
 
-- **int8**: `torch.ao.quantization.quantize_dynamic` on the Linear layers (what `StableDiffusion(int8=True)`
-  does) of the U-Net (one CFG step) and of the ViT-L text encoder; against our float32 model, alternately.
+- **int8**: `models.quant.quantize_linears_` (int8 weights per output channel, inputs per row, `torch._int_mm`)
+  on the Linear layers (what `StableDiffusion(int8=True)` does) of the U-Net (one CFG step) and of the ViT-L text encoder; against our float32 model, alternately.
   Error: max |Δ| and relative L2 of the output.
 - **compile**: `torch.compile(unet, dynamic=False)` (default inductor mode, what `compile=True` does); the first call's
   time is the warm-up cost; then alternately against eager. Error: max |Δ|.
 - **bfloat16**: the U-Net with bfloat16 weights and inputs (`StableDiffusion(dtype=torch.bfloat16)`), against
-  our float32 model and against diffusers' U-Net cast to bfloat16 the same way, alternately. Worth it only
+  our float32 model and against diffusers' U-Net cast to bfloat16 the same way, alternately; each also in the
+  channels_last memory format (`model.to(memory_format=torch.channels_last)`, inputs likewise), which oneDNN
+  convolves without re-laying out activations. Worth it only
   where the CPU multiplies bfloat16 natively (AVX512-BF16, AMX): elsewhere it is slower than float32. Error:
   max |Δ| and relative L2 against our float32 output.
 - **tiled VAE decode** (`AutoencoderKL.decode_tiled`, `vae_tiling=True`: 64-latent tiles, 16 overlap) of a
@@ -48,13 +50,11 @@ def unet_case(case: str):
 
 
 def quantized(model):
-    import warnings
+    from sfumato.models.quant import quantize_linears_
 
-    from torch.ao.quantization import quantize_dynamic
-
-    with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao
-        warnings.simplefilter("ignore")
-        return quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+    q = copy.deepcopy(model)
+    quantize_linears_(q)
+    return q
 
 
 def report(name: str, med: dict, out: dict, fast: str, extra: str = "") -> None:
@@ -112,12 +112,17 @@ def bf16_calls(case: str) -> dict:
     ref = unet_step.reference(unet_step.shipped_config() if config is None else config)
     model = unet_step.ours_from(ref)
     x, t, ctx = unet_step.inputs(model.config.in_channels, side, tokens, model.config.context_dim)
+    cl = lambda a: a.contiguous(memory_format=torch.channels_last)  # noqa: E731
+    fp32_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
     half = copy.deepcopy(model).to(torch.bfloat16)
+    half_cl = copy.deepcopy(half).to(memory_format=torch.channels_last)
     ref = ref.to(torch.bfloat16).eval()
     xb, cb = x.to(torch.bfloat16), ctx.to(torch.bfloat16)
     return {
         "exact": lambda: model(x, t, ctx),
+        "channels_last": lambda: fp32_cl(cl(x), t, ctx),
         "bf16": lambda: half(xb, t, cb).float(),
+        "bf16+channels_last": lambda: half_cl(cl(xb), t, cb).float(),
         "diffusers-bf16": lambda: ref(xb, t, encoder_hidden_states=cb).sample.float(),
     }
 
@@ -125,12 +130,15 @@ def bf16_calls(case: str) -> dict:
 def bench_bf16(cases: list[str], repeat: int) -> None:
     import warnings
 
-    print("bfloat16 weights and activations (U-Net step), against our float32 and diffusers' bfloat16:")
+    print("bfloat16 weights and activations, and the channels_last memory format (U-Net step), against our "
+          "float32 (contiguous NCHW) and diffusers' U-Net cast to bfloat16:")  # fmt: skip
     for case in cases:
         with warnings.catch_warnings():  # diffusers: "modules that should be kept in float32: []"
             warnings.simplefilter("ignore")
             med, out = timed(bf16_calls(case), repeat)
-        report(case, med, out, "bf16", f"  ours/diffusers in bf16 {med['bf16'] / med['diffusers-bf16']:.2f}")
+        for mode in ("channels_last", "bf16", "bf16+channels_last"):
+            extra = f"  ours/diffusers in bf16 {med['bf16'] / med['diffusers-bf16']:.2f}" if mode == "bf16" else ""
+            report(case, med, out, mode, extra)
 
 
 def child(mode: str, weights: str, side: str, tile: str, out_path: str) -> None:

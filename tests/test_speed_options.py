@@ -146,7 +146,11 @@ def test_pipeline_vae_tiling_and_int8():
         StableDiffusion(tiny_bundle(), vae_tiling=4)
 
     quantized = StableDiffusion(tiny_bundle(), int8=True)
-    assert any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in quantized.unet.modules())
+    from sfumato.models.quant import Int8Linear
+
+    for module in (quantized.unet, quantized.text_encoder):
+        assert any(isinstance(m, Int8Linear) for m in module.modules())
+        assert not any(type(m) is torch.nn.Linear for m in module.modules())
     zq = quantized.generate("a photo of a cat", **args)
     assert zq.shape == z.shape
     rel = ((zq - z).norm() / z.norm()).item()

@@ -299,10 +299,10 @@ class StableDiffusion:
         vae_tiling: decode in overlapping tiles (True: 64 latents, 512 px for SD; an int: that many latents), so
             decoding memory no longer grows with the image: a 1024 px image decodes in ~2 GB. Tiles see only
             themselves through the VAE's GroupNorms and attention, so images change slightly near the seams.
-        int8: dynamic int8 quantisation of the U-Net's and text encoder's Linear layers
-            (`torch.ao.quantization.quantize_dynamic`: int8 weights, activations quantised per call). Faster on
-            CPUs with int8 dot products, approximate (see the benchmark for the error). Replaces the layers in
-            place, in the bundle's modules too; CPU only.
+        int8: dynamic int8 quantisation of the U-Net's and text encoder's Linear layers (`models.quant`: int8
+            weights per output channel, inputs quantised per row at each call, one `torch._int_mm` each). Faster
+            on CPUs with int8 dot products (VNNI, AMX), approximate (see the benchmark for the error). Replaces
+            the layers in place, in the bundle's modules too; float32 on the CPU only.
         compile: `torch.compile(unet, dynamic=False)`. The first generation at each new size pays the compilation
             (tens of seconds to minutes); the results match eager float32 to rounding.
         """
@@ -313,15 +313,10 @@ class StableDiffusion:
         if int8:
             if self.device.type != "cpu" or self.dtype != torch.float32:
                 raise ValueError(f"int8=True needs a float32 pipeline on the CPU, got {self.dtype} on {self.device}")
-            import warnings
+            from sfumato.models.quant import quantize_linears_
 
-            from torch.ao.quantization import quantize_dynamic
-
-            with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao
-                warnings.simplefilter("ignore", DeprecationWarning)
-                warnings.simplefilter("ignore", UserWarning)
-                for module in (self.unet, self.text_encoder):
-                    quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+            for module in (self.unet, self.text_encoder):
+                quantize_linears_(module)
         if compile:
             # static shapes: a second image size compiles again rather than switching the graph to symbolic
             # shapes, which inductor failed to lower for the SD U-Net (torch 2.13, a 1x1 conv at 32² latents)
