@@ -114,6 +114,8 @@ def main() -> None:
     ap = _bench.parser(__doc__)
     ap.add_argument("--size", type=int, default=None)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--bf16", action="store_true",
+                    help="also time ours loaded with dtype=torch.bfloat16 (an approximate mode) against both")
     args = ap.parse_args()
     threads = _bench.set_threads(args.threads)
     size = args.size or (64 if args.quick else 256)
@@ -135,6 +137,17 @@ def main() -> None:
                                 "ref": lambda: out.__setitem__("ref", run_reference(ref, size, args.steps))},
                                repeat, warmup=0)  # fmt: skip
         a, b = (np.asarray(out[k], np.float64) for k in ("ours", "ref"))
+        if args.bf16:
+            half = sfumato.load(Path(tmp) / "sd", dtype=torch.bfloat16)
+            run_ours(half, size, 2)  # warm-up
+            med_h = _bench.alternate({"bf16": lambda: out.__setitem__("bf16", run_ours(half, size, args.steps)),
+                                      "ours": lambda: run_ours(ours, size, args.steps)}, repeat, warmup=0)  # fmt: skip
+            h = np.asarray(out["bf16"], np.float64)
+            print(f"ours in bfloat16: {med_h['bf16']:.2f} s against ours in float32 {med_h['ours']:.2f} s "
+                  f"(x{med_h['ours'] / med_h['bf16']:.2f}) and diffusers in float32 {med['ref']:.2f} s (ratio "
+                  f"{med_h['bf16'] / med['ref']:.2f}); image against float32: mean |Δ| {np.abs(h - a).mean():.2f}, "
+                  f"max {np.abs(h - a).max():.0f} of 255")  # fmt: skip
+            del half
         mem = (None, None)
         if not args.no_memory:
             del ref, ours

@@ -72,21 +72,34 @@ def timed(fns: dict, repeat: int) -> tuple[dict[str, float], dict[str, torch.Ten
         return _bench.alternate(calls, repeat), out
 
 
+def ao_quantized(model):
+    """What the int8 mode used before: torch.ao's deprecated dynamic quantisation (per-tensor activations)."""
+    import warnings
+
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+
+
 def int8_calls(case: str) -> dict:
     if case == "clip-vit-l":
         model = vae_clip.ours_text(vae_clip.reference_text())
-        ids, q = vae_clip.inputs(case), quantized(model)
-        return {"exact": lambda: model(ids).last_hidden_state, "int8": lambda: q(ids).last_hidden_state}
+        ids, q, ao = vae_clip.inputs(case), quantized(model), ao_quantized(model)
+        return {"exact": lambda: model(ids).last_hidden_state, "int8": lambda: q(ids).last_hidden_state,
+                "torch.ao-int8": lambda: ao(ids).last_hidden_state}  # fmt: skip
     model, args = unet_case(case)
-    q = quantized(model)
-    return {"exact": lambda: model(*args), "int8": lambda: q(*args)}
+    q, ao = quantized(model), ao_quantized(model)
+    return {"exact": lambda: model(*args), "int8": lambda: q(*args), "torch.ao-int8": lambda: ao(*args)}
 
 
 def bench_int8(cases: list[str], repeat: int) -> None:
-    print("int8 dynamic quantisation of Linear layers:")
+    print("int8 dynamic quantisation of Linear layers (ours, and torch.ao's quantize_dynamic that it replaced):")
     for case in cases:
         med, out = timed(int8_calls(case), repeat)
         report(case, med, out, "int8")
+        report(case, med, out, "torch.ao-int8")
 
 
 def compile_calls(case: str) -> tuple[dict, float]:
