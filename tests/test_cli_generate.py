@@ -69,7 +69,6 @@ def test_generate_writes_pngs_whose_parameters_are_what_was_asked(capsys, tiny_b
         assert Image.open(path).size == (32, 40)
 
 
-@pytest.mark.slow  # 40-140 s on 2 cores: the default run must stay under 10 minutes
 def test_generate_defaults_are_the_python_apis(capsys, tiny_bundle_path, tmp_path):
     rc, out, err = run(
         capsys, "generate", "a cat", "--model", tiny_bundle_path, "--seed", 1, "--out", tmp_path

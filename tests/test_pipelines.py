@@ -431,7 +431,6 @@ def _inversion_errors(pipe, image, steps_list) -> tuple[float, list[float]]:
     return mean_diff(floor, image), errors
 
 
-@pytest.mark.slow  # 40-140 s on 2 cores: the default run must stay under 10 minutes
 def test_inversion_round_trip_smooth_model(plain_bundle, photo):
     """With U-Net weights at 0.1 of their usual size (a network that varies slowly with x, as trained
     ones do on their data) DDIM inversion returns the VAE round trip to well under a pixel level."""

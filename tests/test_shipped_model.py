@@ -68,7 +68,6 @@ def test_the_shipped_model_brings_its_guidance_and_preview_decoder():
 
 
 @shipped
-@pytest.mark.slow  # 57-77 s
 def test_the_shipped_model_draws_the_colour_it_is_asked_for():
     """Two prompts that differ only in colour: the pixels of each image that are far from the background
     must be nearest, on average, to the colour its prompt names."""
@@ -101,7 +100,6 @@ def test_a_prompt_longer_than_a_short_context_is_chunked_with_guidance():
 
 
 @shipped
-@pytest.mark.slow  # 45 s
 @pytest.mark.xfail(strict=True, reason="the shipped model (shapes-3) ignores position words; shapes-5 places them "
                    "(README 'Why positions were ignored') but lost its shapes, so it is not shipped")
 def test_the_shipped_model_puts_things_where_the_prompt_says():

@@ -36,7 +36,6 @@ def test_trained_toy_model_beats_threshold_and_untrained_does_not(data):
     assert trained < THRESHOLD < min(untrained, noise)
 
 
-@pytest.mark.slow  # 40-140 s on 2 cores: the default run must stay under 10 minutes
 def test_cli_toy_writes_pngs_and_report(tmp_path, capsys):
     assert main(["toy", "moons", "--train-steps", "300", "--samples", "500", "--out", str(tmp_path)]) == 0
     for name in ("forward.png", "reverse.png", "loss.png", "report.json"):

@@ -14,7 +14,6 @@ from sfumato.text.tokenizer import CLIPTokenizer
 from sfumato.training import recipes as R
 
 
-@pytest.mark.slow  # 40-140 s on 2 cores: the default run must stay under 10 minutes
 def test_train_pipeline_writes_a_model_that_generates(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "pipeline", "--preset", "tiny", "--out", str(out)]) == 0

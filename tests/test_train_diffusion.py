@@ -95,7 +95,6 @@ def ldm_task(parts, prediction="eps", **kwargs):
 # --- LDM --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow  # 20-100 s each on 2 cores
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_ldm_loss_falls(parts, prediction):
     # 16 solid-colour 16 px images (8 x 8 latents); the U-Net's output layer starts at zero, so the first loss

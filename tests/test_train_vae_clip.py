@@ -383,7 +383,6 @@ def test_clip_task_learns_colours(tmp_path):
     assert sum(t == n for t, n in zip(top, NAMES)) >= 6
 
 
-@pytest.mark.slow  # 34 s
 def test_clip_task_sigmoid_runs_and_learns():
     tok = color_tokenizer()
     task = CLIPTask(tiny_clip_config(tok, "tiny-siglip"), tok, loss="sigmoid")
