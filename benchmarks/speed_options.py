@@ -1,16 +1,17 @@
 """The opt-in faster-than-exact / lower-memory modes, each with its speed-up and its measured output error.
 
 - **int8**: `models.quant.quantize_linears_` (int8 weights per output channel, inputs per row, `torch._int_mm`)
-  on the Linear layers (what `StableDiffusion(int8=True)` does) of the U-Net (one CFG step) and of the ViT-L text encoder; against our float32 model, alternately.
+  on the Linear layers (what `StableDiffusion(int8=True)` does) of the U-Net (one CFG step) and of the ViT-L
+  text encoder, and torch.ao's `quantize_dynamic` that it replaced; against our float32 model, alternately.
   Error: max |Δ| and relative L2 of the output.
 - **compile**: `torch.compile(unet, dynamic=False)` (default inductor mode, what `compile=True` does); the first call's
   time is the warm-up cost; then alternately against eager. Error: max |Δ|.
 - **bfloat16**: the U-Net with bfloat16 weights and inputs (`StableDiffusion(dtype=torch.bfloat16)`), against
   our float32 model and against diffusers' U-Net cast to bfloat16 the same way, alternately; each also in the
   channels_last memory format (`model.to(memory_format=torch.channels_last)`, inputs likewise), which oneDNN
-  convolves without re-laying out activations. Worth it only
-  where the CPU multiplies bfloat16 natively (AVX512-BF16, AMX): elsewhere it is slower than float32. Error:
-  max |Δ| and relative L2 against our float32 output.
+  convolves without re-laying out activations. Worth it only where the CPU multiplies bfloat16 natively
+  (AVX512-BF16, AMX): elsewhere it is slower than float32. Error: max |Δ| and relative L2 against our float32
+  output.
 - **tiled VAE decode** (`AutoencoderKL.decode_tiled`, `vae_tiling=True`: 64-latent tiles, 16 overlap) of a
   1024² image against the full decode, each in a fresh process for its peak RSS; seam error: max and mean
   |Δ| in 8-bit levels and PSNR of the tiled image against the full one. Random weights (the SD VAE

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 # pytest-xdist runs one worker per core; each worker's torch would otherwise start one thread per core too, and
-# on 2 cores the 4 spinning OpenMP threads made the suite 2x slower (a 0.5 s test took 68 s). Split the cores.
+# on 2 cores the 4 spinning OpenMP threads made the default run take 1,134 s instead of 51 s (a 0.5 s test
+# took 68 s). Split the cores between the workers.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 

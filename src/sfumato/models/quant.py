@@ -27,8 +27,9 @@ def _absmax_scale(x: torch.Tensor) -> torch.Tensor:
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(Q, s) with x ≈ s · Q row by row: Q int8 in [-127, 127] and s (rows, 1) float32."""
-    s = _absmax_scale(x.float())
-    return torch.round(x.float() / s).clamp_(-127, 127).to(torch.int8), s
+    x = x.float()  # a no-op for float32 inputs; converted once otherwise
+    s = _absmax_scale(x)
+    return torch.round(x / s).clamp_(-127, 127).to(torch.int8), s
 
 
 class Int8Linear(nn.Module):
