@@ -9,6 +9,7 @@ import pytest
 import sfumato
 from sfumato.cli import main
 from sfumato.data.shapes import COLORS, SHAPES, ShapesDataset
+from sfumato.models.experts import NoiseLevelExperts
 from sfumato.pipelines.clip import CLIPPipeline
 from sfumato.text.tokenizer import CLIPTokenizer
 from sfumato.training import recipes as R
@@ -17,9 +18,10 @@ from sfumato.training import recipes as R
 def test_train_pipeline_writes_a_model_that_generates(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "pipeline", "--preset", "tiny", "--out", str(out)]) == 0
-    for stage in ("vae", "clip", "ldm", "preview"):
+    for stage in ("vae", "clip", "ldm", "expert", "preview"):
         assert (out / stage / "final").is_dir() and (out / stage / "metrics.jsonl").is_file()
     pipe = sfumato.load(out / "model")
+    assert isinstance(pipe.unet, NoiseLevelExperts)  # the ldm stage's U-Net and the high-noise one
     assert pipe.preview_decoder is not None and pipe.preview(pipe.generate("a", steps=2, output="latent"))
     image = pipe.generate("a red circle", steps=4, seed=0)[0]
     assert image.size == (32, 32)

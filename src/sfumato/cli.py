@@ -749,7 +749,7 @@ def _train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.task == "pipeline":
         steps = {t: n for t, n in (("vae", args.vae_steps), ("clip", args.clip_steps), ("ldm", args.ldm_steps),
-                                   ("preview", args.preview_steps)) if n}  # fmt: skip
+                                   ("expert", args.expert_steps), ("preview", args.preview_steps)) if n}  # fmt: skip
         R.train_pipeline(args.data, out, args.preset, resume=args.resume, steps=steps)
         return 0
     r = R.recipe(args.task, args.preset)
@@ -769,13 +769,18 @@ def _train(args: argparse.Namespace) -> int:
                 "final/ folder (text_encoder.safetensors + tokenizer/); `sfumato train pipeline` does all three"
             )
         kw |= dict(vae=args.vae, text_encoder=src / "text_encoder.safetensors", tokenizer=src / "tokenizer")
+    if args.task == "expert":
+        if args.base is None:
+            raise ValueError("sfumato train expert needs --base: the text-to-image bundle it adds a high-noise U-Net "
+                             "to (e.g. a `sfumato train ldm` run's final/)")  # fmt: skip
+        kw |= dict(base=args.base)
     if args.task == "preview":
         if args.vae is None:
             raise ValueError("sfumato train preview needs --vae: the VAE to imitate (vae.safetensors, a bundle, a "
                              "diffusers folder or an SD single file)")  # fmt: skip
         kw |= dict(vae=args.vae)
-    fn = {"vae": R.train_vae, "clip": R.train_clip, "ldm": R.train_ldm, "preview": R.train_preview,
-          "ddpm": R.train_ddpm}[args.task]  # fmt: skip
+    fn = {"vae": R.train_vae, "clip": R.train_clip, "ldm": R.train_ldm, "expert": R.train_expert,
+          "preview": R.train_preview, "ddpm": R.train_ddpm}[args.task]  # fmt: skip
     result = fn(args.data, out, r, **kw)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports (and writes)
         return 0
@@ -834,13 +839,14 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train a VAE, CLIP/SigLIP, latent diffusion U-Net, preview decoder or pixel DDPM (or all of "
         "text-to-image)",
-        description="Train one component, or `pipeline` = VAE -> CLIP -> latent diffusion -> preview decoder into "
-        "one bundle. `preview` distils a VAE's decoder (--vae) into a tiny one for live previews; copy its "
+        description="Train one component, or `pipeline` = VAE -> CLIP -> latent diffusion -> high-noise expert -> "
+        "preview decoder into one bundle. `expert` adds to a model (--base) a second U-Net that takes over its "
+        "noisiest steps. `preview` distils a VAE's decoder (--vae) into a tiny one for live previews; copy its "
         "final/preview_decoder.safetensors into a bundle folder to use it. "
         "Runs write checkpoints to OUT/checkpoints and continue exactly with --resume. Under "
         "`torchrun --nproc_per_node N -m sfumato train ...` the run uses DDP (only rank 0 writes).",
     )
-    tr.add_argument("task", choices=["vae", "clip", "ldm", "preview", "ddpm", "pipeline"])
+    tr.add_argument("task", choices=["vae", "clip", "ldm", "expert", "preview", "ddpm", "pipeline"])
     tr.add_argument("--data", default="shapes", help="an image-caption folder, or shapes[:SEED] (built in)")
     tr.add_argument("--out", required=True, help="run folder (checkpoints, samples, metrics, final model)")
     tr.add_argument("--preset", default="shapes", help="recipe name: shapes (the shipped model's) or tiny")
@@ -857,9 +863,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--vae", help="ldm: the trained VAE (vae.safetensors); preview: the VAE to imitate (that, or "
                     "any model sfumato loads: a bundle, a diffusers folder, an SD single file)")
     tr.add_argument("--text-from", help="ldm: a CLIP run's final/ folder (text_encoder.safetensors, tokenizer/)")
+    tr.add_argument("--base", help="expert: the bundle whose noisiest steps a new U-Net takes over (e.g. an ldm "
+                    "run's final/); its VAE and text encoder are used frozen")
     tr.add_argument("--vae-steps", type=int, help="pipeline: VAE steps")
     tr.add_argument("--clip-steps", type=int, help="pipeline: CLIP steps")
     tr.add_argument("--ldm-steps", type=int, help="pipeline: latent diffusion steps")
+    tr.add_argument("--expert-steps", type=int, help="pipeline: high-noise expert steps")
     tr.add_argument("--preview-steps", type=int, help="pipeline: preview decoder steps")
     tr.set_defaults(func=_train, user_errors=True)
 

@@ -5,6 +5,8 @@
     text_encoder.safetensors   native CLIP text tower
     tokenizer/                 vocab.json + merges.txt + tokenizer_config.json (CLIPTokenizer.save)
     preview_decoder.safetensors  optional: a tiny decoder for live previews (`models.preview`)
+    unet_high_noise.safetensors  optional, with experts.json {"boundary": b}: a second U-Net that denoises
+                               t >= b while unet.safetensors denoises t < b (`models.experts`)
     schedule.json              the training noise schedule and prediction type, and the model's default
                                image size and guidance scale (ScheduleConfig)
 
@@ -26,6 +28,7 @@ import torch
 
 from sfumato.checkpoints.native import load_model, save_model
 from sfumato.models.clip import CLIPTextModel
+from sfumato.models.experts import NoiseLevelExperts
 from sfumato.models.preview import PreviewDecoder
 from sfumato.models.unet import UNet
 from sfumato.models.vae import AutoencoderKL
@@ -114,9 +117,10 @@ class ScheduleConfig:
 
 @dataclass
 class Bundle:
-    """A text-to-image model: U-Net, VAE, CLIP text encoder, tokenizer and schedule."""
+    """A text-to-image model: U-Net (or two, split by noise level), VAE, CLIP text encoder, tokenizer and
+    schedule."""
 
-    unet: UNet
+    unet: UNet | NoiseLevelExperts
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
@@ -126,6 +130,7 @@ class Bundle:
 
 BUNDLE_FILES = ("unet.safetensors", "vae.safetensors", "text_encoder.safetensors", "schedule.json")
 PREVIEW_FILE = "preview_decoder.safetensors"
+HIGH_NOISE_FILE, EXPERTS_FILE = "unet_high_noise.safetensors", "experts.json"
 
 
 def is_bundle(path: str | Path) -> bool:
@@ -140,13 +145,20 @@ def save_bundle(bundle: Bundle, directory: str | Path, *, dtype: torch.dtype | N
     """
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
+    experts = bundle.unet if isinstance(bundle.unet, NoiseLevelExperts) else None
     written = [
-        save_model(bundle.unet, d / "unet.safetensors", dtype=dtype),
+        save_model(bundle.unet if experts is None else experts.low, d / "unet.safetensors", dtype=dtype),
         save_model(bundle.vae, d / "vae.safetensors", dtype=dtype),
         save_model(bundle.text_encoder, d / "text_encoder.safetensors", dtype=dtype),
     ]
     if bundle.preview_decoder is not None:
         written.append(save_model(bundle.preview_decoder, d / PREVIEW_FILE, dtype=dtype))
+    for name in (HIGH_NOISE_FILE, EXPERTS_FILE):  # a folder saved over must not keep a stale expert
+        (d / name).unlink(missing_ok=True)
+    if experts is not None:
+        written.append(save_model(experts.high, d / HIGH_NOISE_FILE, dtype=dtype))
+        (d / EXPERTS_FILE).write_text(json.dumps({"boundary": experts.boundary}, indent=2) + "\n")
+        written.append(d / EXPERTS_FILE)
     bundle.tokenizer.save(d / "tokenizer")
     (d / "schedule.json").write_text(json.dumps(asdict(bundle.schedule), indent=2) + "\n")
     return written + [d / "tokenizer", d / "schedule.json"]
@@ -166,8 +178,14 @@ def load_bundle(directory: str | Path, device="cpu", dtype=None) -> Bundle:
         raise FileNotFoundError(
             f"{d} is not a sfumato bundle: {missing} missing; convert a checkpoint with `sfumato convert`"
         )
+    unet = _expect(load_model(d / "unet.safetensors", device, dtype), UNet, d / "unet.safetensors")
+    if (d / EXPERTS_FILE).is_file():
+        if not (d / HIGH_NOISE_FILE).is_file():
+            raise FileNotFoundError(f"{d / EXPERTS_FILE} names a high-noise U-Net, but {HIGH_NOISE_FILE} is missing")
+        high = _expect(load_model(d / HIGH_NOISE_FILE, device, dtype), UNet, d / HIGH_NOISE_FILE)
+        unet = NoiseLevelExperts(high, unet, json.loads((d / EXPERTS_FILE).read_text())["boundary"])
     return Bundle(
-        unet=_expect(load_model(d / "unet.safetensors", device, dtype), UNet, d / "unet.safetensors"),
+        unet=unet,
         vae=_expect(load_model(d / "vae.safetensors", device, dtype), AutoencoderKL, d / "vae.safetensors"),
         text_encoder=_expect(
             load_model(d / "text_encoder.safetensors", device, dtype),

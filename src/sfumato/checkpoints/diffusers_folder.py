@@ -28,6 +28,7 @@ from sfumato.checkpoints.keymaps import (
 )
 from sfumato.checkpoints.native import build_on_meta, load_weights, read_safetensors, save_tensors
 from sfumato.models.clip import CLIPTextConfig
+from sfumato.models.experts import NoiseLevelExperts
 from sfumato.text.tokenizer import CLIPTokenizer
 
 # diffusers writes this in its own files; a plain number keeps `from_pretrained` from warning about it
@@ -273,6 +274,11 @@ def save_diffusers(bundle: Bundle, directory: str | Path, *, sample_size: int | 
     A text_projection (only in text encoders trained here with one) is not exported: diffusers' SD pipeline
     runs a plain transformers `CLIPTextModel`, which has none.
     """
+    if isinstance(bundle.unet, NoiseLevelExperts):
+        raise ValueError(
+            "this model has two U-Nets split by noise level (unet_high_noise.safetensors), and diffusers' "
+            "StableDiffusionPipeline runs one; keep it as an sfumato bundle"
+        )
     d = Path(directory)
     unet_c, vae_c, text_c = bundle.unet.config, bundle.vae.config, bundle.text_encoder.config
     if sample_size is None:

@@ -434,3 +434,42 @@ class LDMTask:
     def export(self, model: nn.Module, folder) -> list[Path]:
         """A bundle folder (`sfumato.load(folder)`, `sfumato generate --model folder`)."""
         return save_bundle(self.bundle(model), folder)
+
+
+class HighNoiseExpertTask(LDMTask):
+    """Train a high-noise expert for an existing text-to-image model (`models.experts.NoiseLevelExperts`).
+
+    A fresh U-Net learns only t in [boundary, T) (`high_noise_share=1`, `high_noise_from=boundary`), on the
+    base model's latents and with its text encoder frozen, so that both U-Nets read the same context. The
+    base U-Net stays as it is and denoises t < boundary. Previews and the export are the pair, so
+    `OUT/final` is the finished model. `kwargs` go to `LDMTask` (a Min-SNR floor keeps the noisiest levels,
+    where nothing else is learnt here, from a weight near 0).
+    """
+
+    name = "expert"
+
+    def __init__(self, base: Bundle, unet_config: UNetConfig, *, boundary: int, **kwargs):
+        from sfumato.models.experts import NoiseLevelExperts
+
+        if isinstance(base.unet, NoiseLevelExperts):
+            raise ValueError("the base model already has a high-noise expert; give a model with one U-Net")
+        for key in ("high_noise_share", "high_noise_from", "layout_steps", "train_text_encoder"):
+            if key in kwargs:
+                raise ValueError(f"{key} is fixed for a high-noise expert (it trains on t >= boundary only)")
+        super().__init__(unet_config, base.vae, base.text_encoder, base.tokenizer, base.schedule,
+                         high_noise_share=1.0, high_noise_from=boundary, **kwargs)  # fmt: skip
+        self.low = freeze(base.unet)
+        self.boundary = boundary
+        self.preview_decoder = base.preview_decoder
+        NoiseLevelExperts(self.unet, self.low, boundary)  # the pair must fit: same channels and context
+
+    def _to(self, device: torch.device) -> None:
+        super()._to(device)
+        if next(self.low.parameters()).device != device:
+            self.low.to(device)
+
+    def bundle(self, model: nn.Module) -> Bundle:
+        from sfumato.models.experts import NoiseLevelExperts
+
+        b = super().bundle(model)
+        return replace(b, unet=NoiseLevelExperts(b.unet, self.low, self.boundary), preview_decoder=self.preview_decoder)

@@ -4,11 +4,12 @@ A recipe is a plain dataclass: the model config, the `TrainConfig`, the data siz
 settings. `RECIPES[task][name]`; "tiny" recipes are for tests and smoke runs (seconds), "shapes" is the
 recipe of the model sfumato ships (trained on the built-in `shapes` dataset on 2 CPU cores).
 
-`train_pipeline` runs VAE → CLIP → latent diffusion → preview decoder into one folder:
+`train_pipeline` runs VAE → CLIP → latent diffusion → high-noise expert → preview decoder into one folder:
 
     OUT/vae/     the autoencoder run (final/vae.safetensors)
     OUT/clip/    the CLIP run (final/clip.safetensors, final/text_encoder.safetensors, final/tokenizer/)
     OUT/ldm/     the U-Net run (final/ = the bundle)
+    OUT/expert/  the high-noise U-Net run, for recipes that have one (final/ = the bundle with both U-Nets)
     OUT/preview/ the preview decoder run (final/preview_decoder.safetensors: the VAE's decoder, distilled)
     OUT/model/   the finished bundle, what `sfumato generate --model OUT/model` loads, with its preview
                  decoder and the full CLIP (clip.safetensors, both towers) beside it
@@ -77,6 +78,23 @@ class LDMRecipe:
     train_text_encoder: bool = False  # fine-tune (a copy of) the CLIP text tower with the U-Net (LDMTask)
     preview_prompts: tuple[str, ...] = ("a red circle", "a blue square above a green triangle", "")
     # ShapesDataset caption settings for this stage (position_prob, relation_prob); ignored for image folders
+    shapes_captions: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ExpertRecipe:
+    """A high-noise expert for the model the ldm stage made (`training.ldm.HighNoiseExpertTask`)."""
+
+    unet: UNetConfig  # context_dim and channels are set from the base model
+    train: TrainConfig
+    boundary: int = 550  # the expert learns and serves t >= boundary; the base U-Net keeps t < boundary
+    image_size: int = 32
+    data_size: int = 20_000
+    caption_dropout: float = 0.1
+    min_snr_gamma: float | None = 5.0
+    min_snr_floor: float = 1.0
+    cache: bool = True
+    preview_prompts: tuple[str, ...] = ("a red circle at the top", "a blue square above a green triangle", "")
     shapes_captions: dict[str, float] = field(default_factory=dict)
 
 
@@ -160,6 +178,26 @@ RECIPES: dict[str, dict] = {
             # the contrastive text tower hardly separates "a above b" from "b above a" in its token states;
             # trained with the U-Net, it learns what the U-Net must read (shapes-1, frozen: relations at chance)
             train_text_encoder=True,
+        ),  # fmt: skip
+    },
+    # a second U-Net for the noisiest steps (eDiff-I's split, models.experts), trained after the ldm stage on its
+    # latents and frozen text encoder
+    "expert": {
+        "tiny": ExpertRecipe(
+            UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
+                       num_heads=2, context_dim=32, mask_padding=True),
+            _tiny_train(6, 8, 1e-3), data_size=64, preview_prompts=("a red circle",),
+        ),  # fmt: skip
+        # The shipped model's layout expert: the ldm stage's U-Net never learnt places (positions and relations at
+        # chance), and the single-U-Net recipes that did (shapes-5, -6) lost shapes. This one reads only the
+        # prompt's tokens (mask_padding) and sees only t >= 550, with every place and relation stated.
+        "shapes": ExpertRecipe(
+            UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(2, 4),
+                       num_heads=4, context_dim=128, mask_padding=True),
+            TrainConfig(steps=3000, batch_size=64, lr=4e-4, warmup_steps=100, ema_decay=0.998,
+                        preview_every=500, checkpoint_every=250, log_every=25),
+            boundary=550, data_size=30_000,
+            shapes_captions={"position_prob": 1.0, "relation_prob": 1.0},
         ),  # fmt: skip
     },
     # distils the VAE's decoder into a tiny one for live previews (models.preview); minutes on 2 cores
@@ -292,6 +330,36 @@ def train_ldm(
     return train(task, ds, r.train, out, resume=resume, until=until, progress=progress)
 
 
+def train_expert(
+    data: str, out: Path, r: ExpertRecipe, *, base: str | Path, resume=False, until=None, progress=None
+) -> TrainResult:
+    """Train a high-noise expert for the bundle `base` (e.g. OUT/ldm/final); OUT/final is the pair
+    (`models.experts.NoiseLevelExperts`), a bundle that `sfumato generate --model` loads."""
+    import torch
+
+    from sfumato.checkpoints.bundle import is_bundle, load_bundle
+    from sfumato.models.experts import NoiseLevelExperts
+    from sfumato.training.ldm import HighNoiseExpertTask
+
+    if not is_bundle(base):
+        raise ValueError(f"--base {base} is not a text-to-image bundle folder (e.g. a `sfumato train ldm` run's final/)")
+    b = load_bundle(base, dtype=torch.float32)  # the shipped model stores float16; training computes in float32
+    if isinstance(b.unet, NoiseLevelExperts):
+        raise ValueError(f"{base} already has a high-noise expert ({b.unet.boundary:g}); give a model with one U-Net")
+    ds = dataset_for(data, r.image_size, r.data_size, **r.shapes_captions)
+    unet = replace(r.unet, context_dim=b.unet.config.context_dim, in_channels=b.unet.config.in_channels,
+                   out_channels=b.unet.config.out_channels)  # fmt: skip
+    cache = None
+    if r.cache:
+        from sfumato.data.cache import build_latent_cache
+
+        cache = build_latent_cache(ds, b.vae, b.text_encoder, b.tokenizer, out / "cache", progress=progress is not False)
+    task = HighNoiseExpertTask(b, unet, boundary=r.boundary, caption_dropout=r.caption_dropout, cache=cache,
+                               min_snr_gamma=r.min_snr_gamma, min_snr_floor=r.min_snr_floor, seed=r.train.seed,
+                               preview_prompts=r.preview_prompts)  # fmt: skip
+    return train(task, ds, r.train, out, resume=resume, until=until, progress=progress)
+
+
 def train_preview(
     data: str, out: Path, r: PreviewRecipe, *, vae: str | Path | AutoencoderKL, resume=False, until=None,
     progress=None,
@@ -329,14 +397,17 @@ def train_ddpm(data: str, out: Path, r: DDPMRecipe, *, resume=False, until=None,
 
 def train_pipeline(data: str, out: str | Path, name: str = "shapes", *, resume: bool = False,
                    progress: bool | None = None, steps: dict[str, int] | None = None) -> Path:  # fmt: skip
-    """VAE → CLIP → latent diffusion → preview decoder with the recipes called `name`; returns the finished
-    bundle folder.
+    """VAE → CLIP → latent diffusion → high-noise expert (when `RECIPES["expert"]` has `name`) → preview
+    decoder with the recipes called `name`; returns the finished bundle folder.
 
-    steps: optional {"vae": n, "clip": n, "ldm": n, "preview": n} overriding the recipes' step counts.
+    steps: optional {"vae": n, "clip": n, "ldm": n, "expert": n, "preview": n} overriding the recipes' step
+        counts.
     """
     out = Path(out)
     steps = steps or {}
     recipes = {task: recipe(task, name) for task in ("vae", "clip", "ldm", "preview")}
+    if name in RECIPES["expert"]:
+        recipes["expert"] = recipe("expert", name)
     for task, n in steps.items():
         recipes[task] = replace(recipes[task], train=replace(recipes[task].train, steps=n))
     if out.exists() and any(out.iterdir()) and not resume:
@@ -357,11 +428,13 @@ def train_pipeline(data: str, out: str | Path, name: str = "shapes", *, resume: 
     stage("clip", train_clip)
     stage("ldm", train_ldm, vae=out / "vae/final/vae.safetensors",
           text_encoder=out / "clip/final/text_encoder.safetensors", tokenizer=out / "clip/final/tokenizer")  # fmt: skip
+    if "expert" in recipes:
+        stage("expert", train_expert, base=out / "ldm/final")
     stage("preview", train_preview, vae=out / "vae/final/vae.safetensors")
     model = out / "model"
     if model.exists():
         shutil.rmtree(model)
-    shutil.copytree(out / "ldm/final", model)
+    shutil.copytree(out / ("expert/final" if "expert" in recipes else "ldm/final"), model)
     # the full CLIP (both towers) beside the bundle: `sfumato classify` and `sfumato eval shapes` use it
     shutil.copy2(out / "clip/final/clip.safetensors", model / "clip.safetensors")
     shutil.copy2(out / "preview/final/preview_decoder.safetensors", model / "preview_decoder.safetensors")

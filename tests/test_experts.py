@@ -1,0 +1,121 @@
+"""Two U-Nets split by noise level (`models.experts`): dispatch, bundle files, pipeline and training."""
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import random_weights_, tiny_bundle
+
+from sfumato.checkpoints.bundle import HIGH_NOISE_FILE, load_bundle, save_bundle
+from sfumato.checkpoints.diffusers_folder import save_diffusers
+from sfumato.models.clip import prompt_mask
+from sfumato.models.experts import NoiseLevelExperts
+from sfumato.models.unet import UNet
+from sfumato.pipelines.stable_diffusion import StableDiffusion
+from sfumato.training import recipes as R
+from sfumato.training.ldm import HighNoiseExpertTask
+from sfumato.training.task import BatchRandom
+
+
+def _pair(boundary=500):
+    """(experts, high, low): a masked high-noise U-Net and the tiny bundle's unmasked one, random weights."""
+    bundle = tiny_bundle()
+    low = bundle.unet.eval()
+    high = random_weights_(UNet(dataclasses.replace(low.config, mask_padding=True)), 7, scale=0.5).eval()
+    return NoiseLevelExperts(high, low, boundary), high, low, bundle
+
+
+@torch.no_grad()
+def test_each_timestep_goes_to_its_expert_and_only_the_masked_one_reads_the_mask():
+    experts, high, low, _ = _pair(500)
+    x, ctx = torch.randn(4, 4, 8, 8), torch.randn(4, 6, 32)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0]] * 4).bool()
+    t = torch.tensor([999.0, 500.0, 499.0, 10.0])  # 500 is the first high-noise timestep
+    out = experts(x, t, ctx, context_mask=mask)
+    want_high = high(x[:2], t[:2], ctx[:2], context_mask=mask[:2])
+    want_low = low(x[2:], t[2:], ctx[2:])  # trained attending to every token: no mask
+    torch.testing.assert_close(out, torch.cat([want_high, want_low]), rtol=0, atol=1e-6)
+    # the two are different functions, so a wrong dispatch could not pass the check above
+    assert (high(x[2:], t[2:], ctx[2:], context_mask=mask[2:]) - want_low).abs().max() > 1e-2
+    assert (low(x[:2], t[:2], ctx[:2]) - want_high).abs().max() > 1e-2
+    # whole batches on one side, and a scalar t
+    torch.testing.assert_close(experts(x, 700, ctx, context_mask=mask), high(x, 700, ctx, context_mask=mask))
+    torch.testing.assert_close(experts(x, 3, ctx, context_mask=mask), low(x, 3, ctx))
+    assert experts.config.mask_padding and not low.config.mask_padding  # the pipeline must make a mask
+
+
+def test_experts_must_share_channels_and_context():
+    _, high, low, _ = _pair()
+    other = UNet(dataclasses.replace(low.config, context_dim=16))
+    with pytest.raises(ValueError, match="context_dim=16"):
+        NoiseLevelExperts(high, other, 500)
+    with pytest.raises(ValueError, match="boundary must be a timestep > 0"):
+        NoiseLevelExperts(high, low, 0)
+
+
+@torch.no_grad()
+def test_bundle_round_trip_and_the_pipeline_calls_each_expert_on_its_steps(tmp_path):
+    experts, high, low, bundle = _pair(550)
+    save_bundle(dataclasses.replace(bundle, unet=experts), tmp_path / "m")
+    loaded = load_bundle(tmp_path / "m")
+    assert isinstance(loaded.unet, NoiseLevelExperts) and loaded.unet.boundary == 550
+    for a, b in ((loaded.unet.high, high), (loaded.unet.low, low)):
+        assert a.config == b.config
+        assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+    pipe = StableDiffusion(loaded)
+    seen = {"high": [], "low": []}
+    for name in seen:
+        getattr(pipe.unet, name).register_forward_pre_hook(
+            lambda m, args, kw, name=name: seen[name].extend(args[1].tolist()), with_kwargs=True
+        )
+    pipe.generate("a red circle", steps=10, guidance=3.0, seed=0)
+    assert seen["high"] and seen["low"]
+    assert min(seen["high"]) >= 550 and max(seen["low"]) < 550
+    # a single-U-Net bundle saved over the folder leaves no stale expert behind
+    save_bundle(bundle, tmp_path / "m")
+    assert not (tmp_path / "m" / HIGH_NOISE_FILE).exists()
+    assert isinstance(load_bundle(tmp_path / "m").unet, UNet)
+
+
+def test_diffusers_export_refuses_two_unets(tmp_path):
+    experts, _, _, bundle = _pair()
+    with pytest.raises(ValueError, match="two U-Nets"):
+        save_diffusers(dataclasses.replace(bundle, unet=experts), tmp_path / "d")
+
+
+def test_expert_task_trains_only_high_noise_with_the_base_frozen():
+    bundle = tiny_bundle(prediction="v")
+    base_state = {k: v.clone() for k, v in bundle.unet.state_dict().items()}
+    config = dataclasses.replace(bundle.unet.config, mask_padding=True)
+    task = HighNoiseExpertTask(bundle, config, boundary=600, min_snr_gamma=5.0, min_snr_floor=1.0)
+    images = torch.rand(6, 3, 32, 32) * 2 - 1
+    batch = {"image": images, "caption": ["a red circle at the top"] * 3 + ["a blue square"] * 3,
+             "index": torch.arange(6)}  # fmt: skip
+    x = task.prepare(batch, BatchRandom(0, 0, batch["index"].tolist()), torch.device("cpu"), step=0)
+    assert x["t"].min() >= 600  # every example at the expert's noise levels
+    ids = task.text.tokenizer(batch["caption"])
+    assert torch.equal(x["context_mask"], prompt_mask(ids, task.text.tokenizer.eos_token_id))
+    loss, _ = task.loss(batch, BatchRandom(0, 0, batch["index"].tolist()), 0, task.trainable())
+    loss.backward()
+    assert all(p.grad is not None for p in task.unet.parameters() if p.requires_grad)
+    assert not any(p.requires_grad for p in task.low.parameters())
+    pair = task.bundle(task.unet)
+    assert isinstance(pair.unet, NoiseLevelExperts) and pair.unet.low is task.low and pair.unet.boundary == 600
+    assert all(torch.equal(v, base_state[k]) for k, v in task.low.state_dict().items())
+    with pytest.raises(ValueError, match="high_noise_share is fixed"):
+        HighNoiseExpertTask(bundle, config, boundary=600, high_noise_share=0.5)
+    with pytest.raises(ValueError, match="already has a high-noise expert"):
+        HighNoiseExpertTask(dataclasses.replace(bundle, unet=pair.unet), config, boundary=600)
+
+
+def test_train_expert_stage_writes_a_pair_that_generates(tmp_path, tiny_bundle_path):
+    from sfumato.cli import main
+
+    out = tmp_path / "expert"
+    assert main(["train", "expert", "--preset", "tiny", "--base", str(tiny_bundle_path), "--out", str(out)]) == 0
+    pipe = StableDiffusion(load_bundle(out / "final"))
+    assert isinstance(pipe.unet, NoiseLevelExperts) and pipe.unet.boundary == R.recipe("expert", "tiny").boundary
+    assert pipe.generate("a red circle", steps=3, seed=0)[0].size == (32, 32)
+    assert main(["train", "expert", "--preset", "tiny", "--base", str(out / "final"), "--out", str(tmp_path / "again")]) == 2
+    assert main(["train", "expert", "--preset", "tiny", "--out", str(tmp_path / "x")]) == 2
