@@ -385,6 +385,36 @@ def test_caption_probabilities_change_captions_not_images():
         ShapesDataset(10, position_prob=1.5)
 
 
+def test_repeat_prob_makes_counted_captions_common_and_zero_changes_nothing():
+    """repeat_prob > 0 repeats the first object's kind in multi-object layouts (so "two red circles" is
+    common); 0 draws no extra random number, so every item stays as it was (and so does the cache key)."""
+    import re
+
+    from sfumato.data.shapes import DEFAULT_HOLDOUT, _normalise_holdout
+
+    base = ShapesDataset(600, seed=4, holdout=DEFAULT_HOLDOUT)
+    zero = ShapesDataset(600, seed=4, holdout=DEFAULT_HOLDOUT, repeat_prob=0.0)
+    rep = ShapesDataset(600, seed=4, holdout=DEFAULT_HOLDOUT, repeat_prob=0.5)
+    assert all(base.attributes(i) == zero.attributes(i) for i in range(len(base)))
+    assert base.fingerprint() == zero.fingerprint() != rep.fingerprint()
+
+    def counted(ds):
+        return sum(bool(re.search(r"\b(two|three|four)\b", ds.attributes(i)["caption"])) for i in range(len(ds)))
+
+    assert counted(base) < 0.08 * len(base) and counted(rep) > 0.2 * len(rep)
+    held = _normalise_holdout(DEFAULT_HOLDOUT)[0]
+    repeated = 0
+    for i in range(len(rep)):
+        objects = rep.attributes(i)["objects"]
+        kinds = [(o["color"], o["shape"]) for o in objects]
+        assert not held & set(kinds)  # a copy of an allowed kind is allowed
+        repeated += len(objects) > 1 and kinds.count(kinds[0]) > 1
+    multi = sum(len(rep.attributes(i)["objects"]) > 1 for i in range(len(rep)))
+    assert 0.4 * multi < repeated < 0.65 * multi  # ~half the layouts, plus the few repeats drawn by chance
+    with pytest.raises(ValueError, match="repeat_prob must be a probability"):
+        ShapesDataset(10, repeat_prob=-0.1)
+
+
 def test_relation_between_and_positions():
     def box(x, y, r=2):
         return {"center": [x, y], "bbox": [x - r, y - r, x + r, y + r]}

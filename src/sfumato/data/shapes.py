@@ -405,6 +405,10 @@ class ShapesDataset(Dataset):
     position_prob: how often a one-object caption states the object's place when one applies ("... at the
         top"); relation_prob: how often a two-object caption states their relation when one holds ("... above
         ..."). Only the captions change with them: item i's image is the same for every value.
+    repeat_prob: how often a layout of two or more objects repeats the first one's colour and shape (in both
+        of two objects; in two to all of more), which makes counted captions ("two red circles and a blue square") common:
+        with independent draws, 4 % of the captions count. 0 (the default) leaves every item as it was; any
+        other value changes the layouts.
     """
 
     def __init__(
@@ -418,6 +422,7 @@ class ShapesDataset(Dataset):
         holdout: Mapping | None = None,
         position_prob: float = 0.5,
         relation_prob: float = 0.8,
+        repeat_prob: float = 0.0,
     ):
         if size < 0:
             raise ValueError(f"size must be >= 0, got {size}")
@@ -430,10 +435,11 @@ class ShapesDataset(Dataset):
                 f"need 1 <= min_objects <= max_objects <= {_MAX_OBJECTS}, got min_objects={min_objects}, "
                 f"max_objects={max_objects}"
             )
-        for name, p in (("position_prob", position_prob), ("relation_prob", relation_prob)):
+        for name, p in (("position_prob", position_prob), ("relation_prob", relation_prob), ("repeat_prob", repeat_prob)):
             if not 0 <= p <= 1:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
         self.position_prob, self.relation_prob = float(position_prob), float(relation_prob)
+        self.repeat_prob = float(repeat_prob)
         self.size, self.image_size, self.seed = int(size), int(image_size), int(seed)
         self.min_objects, self.max_objects = min_objects, max_objects
         self.holdout = holdout
@@ -466,6 +472,9 @@ class ShapesDataset(Dataset):
         for _ in range(_LAYOUT_TRIES):
             n = self.min_objects + int(rng.random() * span)
             kinds = [_pick(rng, self._kinds) for _ in range(n)]
+            if self.repeat_prob and n > 1 and rng.random() < self.repeat_prob:  # no draw at all when 0
+                same = n if n == 2 else 2 + int(rng.random() * (n - 1))  # 2 of 2; 2..n of n
+                kinds[1:same] = [kinds[0]] * (same - 1)
             sizes = ["large" if rng.random() < 0.5 else "small" for _ in range(n)]
             objects = _place(rng, kinds, sizes, self.image_size)
             if objects is None:
@@ -491,6 +500,8 @@ class ShapesDataset(Dataset):
         held = _normalise_holdout(self.holdout)
         parts = [_RENDER_VERSION, self.size, self.image_size, self.seed, self.min_objects, self.max_objects,
                  self.position_prob, self.relation_prob]  # fmt: skip
+        if self.repeat_prob:  # only then: the caches of existing datasets keep their keys
+            parts.append(self.repeat_prob)
         return f"shapes:{parts}:{sorted(held[0])}:{sorted(held[1])}"
 
     def image(self, i: int) -> Image.Image:
