@@ -100,12 +100,11 @@ def test_a_prompt_longer_than_a_short_context_is_chunked_with_guidance():
 
 
 @shipped
-@pytest.mark.xfail(strict=True, reason="the shipped model (shapes-3) ignores position words; shapes-5 places them "
-                   "(README 'Why positions were ignored') but lost its shapes, so it is not shipped")
 def test_the_shipped_model_puts_things_where_the_prompt_says():
     """The mass centre of the drawn pixels, over four seeds, lies in the half of the image the position word
-    names ("at the top": y < 16 of 32 px, ...). Earlier models put every position at the same place: their
-    centres for "top" and "bottom" agreed to 0.2 px."""
+    names ("at the top": y < 16 of 32 px, ...). shapes-3 alone put every position at the same place (its
+    centres for "top" and "bottom" agreed to 0.2 px; this test was a strict xfail then); its high-noise expert
+    places them."""
     from sfumato.data.shapes import BACKGROUND
 
     pipe = sfumato.load(default_model())

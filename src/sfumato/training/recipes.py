@@ -1,4 +1,4 @@
-"""Named training recipes and the functions behind `sfumato train vae|clip|ldm|preview|ddpm|pipeline`.
+"""Named training recipes and the functions behind `sfumato train vae|clip|ldm|expert|preview|ddpm|pipeline`.
 
 A recipe is a plain dataclass: the model config, the `TrainConfig`, the data size and the objective's
 settings. `RECIPES[task][name]`; "tiny" recipes are for tests and smoke runs (seconds), "shapes" is the
@@ -190,7 +190,8 @@ RECIPES: dict[str, dict] = {
         ),  # fmt: skip
         # The shipped model's layout expert: the ldm stage's U-Net never learnt places (positions and relations at
         # chance), and the single-U-Net recipes that did (shapes-5, -6) lost shapes. This one reads only the
-        # prompt's tokens (mask_padding) and sees only t >= 550, with every place and relation stated.
+        # prompt's tokens (mask_padding) and sees only t >= 550, with every place and relation stated. With it:
+        # positions 29 -> 69 %, relations 29 -> 40 %, shapes 90 -> 92 % (README "Both: a second U-Net").
         "shapes": ExpertRecipe(
             UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(2, 4),
                        num_heads=4, context_dim=128, mask_padding=True),
