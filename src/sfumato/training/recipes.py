@@ -85,8 +85,9 @@ class LDMRecipe:
 class ExpertRecipe:
     """A high-noise expert for the model the ldm stage made (`training.ldm.HighNoiseExpertTask`)."""
 
-    unet: UNetConfig  # context_dim and channels are set from the base model
     train: TrainConfig
+    unet: UNetConfig | None = None  # None: the base U-Net's architecture; channels and context_dim follow the base
+    mask_padding: bool = True  # cross-attention reads only the prompt's tokens (UNetConfig.mask_padding)
     boundary: int = 550  # the expert learns and serves t >= boundary; the base U-Net keeps t < boundary
     image_size: int = 32
     data_size: int = 20_000
@@ -183,18 +184,12 @@ RECIPES: dict[str, dict] = {
     # a second U-Net for the noisiest steps (eDiff-I's split, models.experts), trained after the ldm stage on its
     # latents and frozen text encoder
     "expert": {
-        "tiny": ExpertRecipe(
-            UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
-                       num_heads=2, context_dim=32, mask_padding=True),
-            _tiny_train(6, 8, 1e-3), data_size=64, preview_prompts=("a red circle",),
-        ),  # fmt: skip
+        "tiny": ExpertRecipe(_tiny_train(6, 8, 1e-3), data_size=64, preview_prompts=("a red circle",)),
         # The shipped model's layout expert: the ldm stage's U-Net never learnt places (positions and relations at
         # chance), and the single-U-Net recipes that did (shapes-5, -6) lost shapes. This one reads only the
         # prompt's tokens (mask_padding) and sees only t >= 550, with every place and relation stated. With it:
         # positions 29 -> 69 %, relations 29 -> 40 %, shapes 90 -> 92 % (README "Both: a second U-Net").
-        "shapes": ExpertRecipe(
-            UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(2, 4),
-                       num_heads=4, context_dim=128, mask_padding=True),
+        "shapes": ExpertRecipe(  # the base's architecture (shapes-3's: 6.7 M parameters), masked
             TrainConfig(steps=3000, batch_size=64, lr=4e-4, warmup_steps=100, ema_decay=0.998,
                         preview_every=500, checkpoint_every=250, log_every=25),
             boundary=550, data_size=30_000,
@@ -348,8 +343,9 @@ def train_expert(
     if isinstance(b.unet, NoiseLevelExperts):
         raise ValueError(f"{base} already has a high-noise expert ({b.unet.boundary:g}); give a model with one U-Net")
     ds = dataset_for(data, r.image_size, r.data_size, **r.shapes_captions)
-    unet = replace(r.unet, context_dim=b.unet.config.context_dim, in_channels=b.unet.config.in_channels,
-                   out_channels=b.unet.config.out_channels)  # fmt: skip
+    c = b.unet.config
+    unet = replace(r.unet or c, context_dim=c.context_dim, in_channels=c.in_channels, out_channels=c.out_channels,
+                   mask_padding=r.mask_padding)  # fmt: skip
     cache = None
     if r.cache:
         from sfumato.data.cache import build_latent_cache
