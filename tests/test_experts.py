@@ -119,3 +119,33 @@ def test_train_expert_stage_writes_a_pair_that_generates(tmp_path, tiny_bundle_p
     assert pipe.generate("a red circle", steps=3, seed=0)[0].size == (32, 32)
     assert main(["train", "expert", "--preset", "tiny", "--base", str(out / "final"), "--out", str(tmp_path / "again")]) == 2
     assert main(["train", "expert", "--preset", "tiny", "--out", str(tmp_path / "x")]) == 2
+
+
+@torch.no_grad()
+def test_context_layers_start_as_identity_and_let_early_tokens_see_later_ones():
+    from sfumato.checkpoints.keymaps import unet_to_diffusers
+    from sfumato.models.unet import ContextLayer
+
+    bundle = tiny_bundle()
+    plain = bundle.unet.eval()
+    config = dataclasses.replace(plain.config, context_layers=2, mask_padding=True)
+    deep = UNet(config).eval()
+    missing, unexpected = deep.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("context_encoder.") for k in missing)
+    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 6, 32)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0]] * 2).bool()
+    # new layers pass the context through: the U-Net is the one it was loaded from
+    torch.testing.assert_close(deep(x, 300, ctx, context_mask=mask), plain(x, 300, ctx, context_mask=mask))
+
+    layer = random_weights_(ContextLayer(32, 2), 3).eval()
+    out = layer(ctx, mask)
+    later = ctx.clone()
+    later[:, 3] = torch.randn(2, 32)  # a later prompt token moves an earlier token's state (a causal encoder's cannot)
+    assert (layer(later, mask) - out)[:, 0].abs().max() > 1e-3
+    padding = ctx.clone()
+    padding[:, 4:] = 5.0  # masked tokens move nothing that is read
+    torch.testing.assert_close(layer(padding, mask)[:, :4], out[:, :4], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="context_layers"):
+        unet_to_diffusers(deep.state_dict(), dataclasses.replace(config, mask_padding=False))
+    with pytest.raises(ValueError, match="context_layers must be >= 0"):
+        dataclasses.replace(config, context_layers=-1)

@@ -226,6 +226,11 @@ def _check_diffusers_can_hold(c: UNetConfig) -> None:
             f"this U-Net has position embeddings (position_freqs={c.position_freqs}), which diffusers' "
             "UNet2DConditionModel has no place for; keep it as an sfumato bundle (or single-file ldm checkpoint)"
         )
+    if c.context_layers:
+        raise ValueError(
+            f"this U-Net has {c.context_layers} transformer layers over its text context (context_layers), which "
+            "diffusers' UNet2DConditionModel has no place for; keep it as an sfumato bundle"
+        )
     if c.mask_padding:
         raise ValueError(
             "this U-Net was trained to attend to the prompt's tokens only (mask_padding=True), and diffusers' "

@@ -26,6 +26,7 @@ from sfumato.models.layers import (
     SpatialTransformer,
     TimestepEmbedSequential,
     Upsample,
+    attention,
     group_norm,
     timestep_embedding,
     zero_init_,
@@ -58,12 +59,20 @@ class UNetConfig:
     # With 20 real tokens out of 32, the near-identical padding states take ~80 % of every query's attention
     # and carry a word like "top" at 2 % of its own weight: a small model then learns colours but not places
     mask_padding: bool = False
+    # > 0: that many bidirectional transformer layers over the text context before any cross-attention (not in
+    # SD or ldm). CLIP's text encoder is causal, so a word's state depends only on the words before it: "red
+    # circle" has the same states in "a red circle above a blue square" and "a red circle below a blue square",
+    # and only the words after "above" can say which object goes where. These layers let every token see the
+    # whole prompt (only its own tokens when a context_mask is given); they start as the identity
+    context_layers: int = 0
 
     def __post_init__(self):
         # JSON (checkpoint metadata) brings tuples back as lists
         self.channel_mult = tuple(self.channel_mult)
         # a set in meaning; kept sorted as ldm's yaml writes it, (4, 2, 1), so equal configs compare equal
         self.attention_resolutions = tuple(sorted(set(self.attention_resolutions), reverse=True))
+        if self.context_layers < 0:
+            raise ValueError(f"context_layers must be >= 0 (0: the text context as given), got {self.context_layers}")
         if self.position_freqs < 0:
             raise ValueError(
                 f"position_freqs must be >= 0 (0: no position embedding), got {self.position_freqs}"
@@ -123,6 +132,25 @@ UNET_PRESETS["sd1-inpaint"] = replace(UNET_PRESETS["sd1"], in_channels=9)
 UNET_PRESETS["sd2-inpaint"] = replace(UNET_PRESETS["sd2"], in_channels=9)
 
 
+class ContextLayer(nn.Module):
+    """A pre-LN bidirectional transformer layer over text tokens (`UNetConfig.context_layers`). Its output
+    projections start at zero, so a new layer passes the context through unchanged."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = zero_init_(nn.Linear(width, width))
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), zero_init_(nn.Linear(4 * width, width)))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)  # (B, T, 3C) -> 3 x (B, T, C)
+        x = x + self.proj(attention(q, k, v, self.heads, mask))
+        return x + self.mlp(self.norm2(x))
+
+
 class UNet(nn.Module):
     """eps/v-prediction U-Net: `forward(x, t, context, y=None) -> (B, out_channels, H, W)`."""
 
@@ -134,6 +162,9 @@ class UNet(nn.Module):
         self.time_embed = nn.Sequential(
             nn.Linear(c.model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
         )
+        if c.context_layers:
+            heads = c.num_heads if c.num_heads is not None else max(1, c.context_dim // c.head_dim)
+            self.context_encoder = nn.ModuleList(ContextLayer(c.context_dim, heads) for _ in range(c.context_layers))
         if c.adm_in_channels is not None:
             # ldm `num_classes="sequential"`: an MLP on y, one Sequential deeper (hence `label_emb.0.0`)
             self.label_emb = nn.Sequential(
@@ -224,6 +255,9 @@ class UNet(nn.Module):
                 )
             if not bool(context_mask.any(1).all()):
                 raise ValueError("every row of context_mask needs a True token (at least the start token)")
+        if c.context_layers:
+            for layer in self.context_encoder:
+                context = layer(context, context_mask)
         t = torch.as_tensor(t, device=x.device)
         if t.numel() == 1:
             t = t.reshape(1).expand(B)  # scalar -> (B,)

@@ -88,6 +88,7 @@ class ExpertRecipe:
     train: TrainConfig
     unet: UNetConfig | None = None  # None: the base U-Net's architecture; channels and context_dim follow the base
     mask_padding: bool = True  # cross-attention reads only the prompt's tokens (UNetConfig.mask_padding)
+    context_layers: int = 0  # bidirectional layers over the text context (UNetConfig.context_layers)
     boundary: int = 550  # the expert learns and serves t >= boundary; the base U-Net keeps t < boundary
     image_size: int = 32
     data_size: int = 20_000
@@ -345,7 +346,7 @@ def train_expert(
     ds = dataset_for(data, r.image_size, r.data_size, **r.shapes_captions)
     c = b.unet.config
     unet = replace(r.unet or c, context_dim=c.context_dim, in_channels=c.in_channels, out_channels=c.out_channels,
-                   mask_padding=r.mask_padding)  # fmt: skip
+                   mask_padding=r.mask_padding, context_layers=r.context_layers)  # fmt: skip
     cache = None
     if r.cache:
         from sfumato.data.cache import build_latent_cache
