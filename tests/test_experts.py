@@ -78,10 +78,16 @@ def test_bundle_round_trip_and_the_pipeline_calls_each_expert_on_its_steps(tmp_p
     assert isinstance(load_bundle(tmp_path / "m").unet, UNet)
 
 
-def test_diffusers_export_refuses_two_unets(tmp_path):
+def test_diffusers_export_refuses_two_unets(tmp_path, capsys):
+    from sfumato.cli import main
+
     experts, _, _, bundle = _pair()
     with pytest.raises(ValueError, match="two U-Nets"):
         save_diffusers(dataclasses.replace(bundle, unet=experts), tmp_path / "d")
+    # from the command line: one line and exit code 2 (convert printed a traceback for bad input before)
+    save_bundle(dataclasses.replace(bundle, unet=experts), tmp_path / "m")
+    assert main(["convert", str(tmp_path / "m"), str(tmp_path / "d"), "--to", "diffusers"]) == 2
+    assert "two U-Nets" in capsys.readouterr().err and not (tmp_path / "d").exists()
 
 
 def test_expert_task_trains_only_high_noise_with_the_base_frozen():

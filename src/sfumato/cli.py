@@ -833,7 +833,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument(
         "--tokenizer", help="tokenizer folder for an SD single file (default: the shipped CLIP vocabulary)"
     )
-    conv.set_defaults(func=_convert)
+    conv.set_defaults(func=_convert, user_errors=True)
 
     tr = sub.add_parser(
         "train",
