@@ -179,12 +179,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(width, width)
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """mask: None or (B, T) bool, True for the tokens that may be attended to (not with `causal`)."""
         B, T, C = x.shape
         # (B, T, C) -> (B, nh, T, hd)
         q, k, v = (p(x).view(B, T, self.heads, C // self.heads).transpose(1, 2)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # scale 1/sqrt(hd)
+        keys = None if mask is None else mask[:, None, None, :]  # (B, T) -> (B, 1, 1, T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=keys, is_causal=causal)  # scale 1/sqrt(hd)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hd) -> (B, T, C)
         return self.out_proj(y)
 
@@ -210,8 +212,8 @@ class EncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(width, eps=eps)
         self.mlp = MLP(width, mlp_width, act)
 
-    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x), causal)
+    def forward(self, x: torch.Tensor, causal: bool, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x), causal, mask)
         return x + self.mlp(self.layer_norm2(x))
 
 

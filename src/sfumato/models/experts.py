@@ -42,13 +42,9 @@ class NoiseLevelExperts(nn.Module):
         if not boundary > 0:
             raise ValueError(f"boundary must be a timestep > 0 (high serves t >= boundary), got {boundary}")
         self.high, self.low, self.boundary = high, low, float(boundary)
-
-    @property
-    def config(self) -> UNetConfig:
-        """What callers read of a U-Net's config: the low expert's, with `mask_padding` set when either expert
-        reads a prompt mask (so that pipelines compute one)."""
-        masked = self.high.config.mask_padding or self.low.config.mask_padding
-        return replace(self.low.config, mask_padding=masked)
+        # what callers read of a U-Net's config: the low expert's, with `mask_padding` set when either expert
+        # reads a prompt mask (so that pipelines compute one)
+        self.config: UNetConfig = replace(low.config, mask_padding=high.config.mask_padding or low.config.mask_padding)
 
     def forward(
         self,

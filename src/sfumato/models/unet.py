@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from sfumato.models.clip import EncoderLayer
 from sfumato.models.layers import (
     Conv2d,
     Downsample,
@@ -26,7 +27,6 @@ from sfumato.models.layers import (
     SpatialTransformer,
     TimestepEmbedSequential,
     Upsample,
-    attention,
     group_norm,
     timestep_embedding,
     zero_init_,
@@ -132,23 +132,17 @@ UNET_PRESETS["sd1-inpaint"] = replace(UNET_PRESETS["sd1"], in_channels=9)
 UNET_PRESETS["sd2-inpaint"] = replace(UNET_PRESETS["sd2"], in_channels=9)
 
 
-class ContextLayer(nn.Module):
-    """A pre-LN bidirectional transformer layer over text tokens (`UNetConfig.context_layers`). Its output
-    projections start at zero, so a new layer passes the context through unchanged."""
+class ContextLayer(EncoderLayer):
+    """CLIP's pre-LN transformer layer run bidirectionally over text tokens (`UNetConfig.context_layers`), with
+    its output projections at zero, so that a new layer passes the context through unchanged."""
 
     def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(width)
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = zero_init_(nn.Linear(width, width))
-        self.norm2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), zero_init_(nn.Linear(4 * width, width)))
+        super().__init__(width, heads, 4 * width, act="gelu", eps=1e-5)
+        zero_init_(self.self_attn.out_proj)
+        zero_init_(self.mlp.fc2)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)  # (B, T, 3C) -> 3 x (B, T, C)
-        x = x + self.proj(attention(q, k, v, self.heads, mask))
-        return x + self.mlp(self.norm2(x))
+        return super().forward(x, causal=False, mask=mask)
 
 
 class UNet(nn.Module):

@@ -38,6 +38,7 @@ from sfumato.checkpoints.bundle import Bundle, ScheduleConfig, save_bundle
 from sfumato.data.cache import LatentCache
 from sfumato.diffusion.denoisers import DiscreteDenoiser
 from sfumato.models.clip import CLIPTextModel, prompt_mask
+from sfumato.models.experts import NoiseLevelExperts
 from sfumato.models.unet import UNet, UNetConfig
 from sfumato.models.vae import AutoencoderKL
 from sfumato.pipelines.metadata import save_png  # atomic: temporary name, then rename
@@ -449,8 +450,6 @@ class HighNoiseExpertTask(LDMTask):
     name = "expert"
 
     def __init__(self, base: Bundle, unet_config: UNetConfig, *, boundary: int, **kwargs):
-        from sfumato.models.experts import NoiseLevelExperts
-
         if isinstance(base.unet, NoiseLevelExperts):
             raise ValueError("the base model already has a high-noise expert; give a model with one U-Net")
         for key in ("high_noise_share", "high_noise_from", "layout_steps", "train_text_encoder"):
@@ -469,7 +468,5 @@ class HighNoiseExpertTask(LDMTask):
             self.low.to(device)
 
     def bundle(self, model: nn.Module) -> Bundle:
-        from sfumato.models.experts import NoiseLevelExperts
-
         b = super().bundle(model)
         return replace(b, unet=NoiseLevelExperts(b.unet, self.low, self.boundary), preview_decoder=self.preview_decoder)
