@@ -1,15 +1,23 @@
 """Two U-Nets split by noise level (`models.experts`): dispatch, bundle files, pipeline and training."""
 
+import copy
 import dataclasses
+import json
 
 import pytest
 import torch
 from conftest import random_weights_, tiny_bundle
 
-from sfumato.checkpoints.bundle import HIGH_NOISE_FILE, load_bundle, save_bundle
+from sfumato.checkpoints.bundle import (
+    EXPERTS_FILE,
+    HIGH_NOISE_FILE,
+    HIGH_NOISE_TEXT_FILE,
+    load_bundle,
+    save_bundle,
+)
 from sfumato.checkpoints.diffusers_folder import save_diffusers
 from sfumato.models.clip import prompt_mask
-from sfumato.models.experts import NoiseLevelExperts
+from sfumato.models.experts import ExpertTextEncoders, NoiseLevelExperts
 from sfumato.models.unet import UNet
 from sfumato.pipelines.stable_diffusion import StableDiffusion
 from sfumato.training import recipes as R
@@ -78,6 +86,66 @@ def test_bundle_round_trip_and_the_pipeline_calls_each_expert_on_its_steps(tmp_p
     assert isinstance(load_bundle(tmp_path / "m").unet, UNet)
 
 
+
+def _split_pair(boundary=550):
+    """(bundle with ExpertTextEncoders + NoiseLevelExperts(split_context=True), high text encoder): the high
+    expert reads its own text encoder, a perturbed copy of the tiny bundle's."""
+    experts, high, low, bundle = _pair(boundary)
+    high_text = random_weights_(copy.deepcopy(bundle.text_encoder), 11, scale=0.5).eval()
+    pair = NoiseLevelExperts(high, low, boundary, split_context=True)
+    text = ExpertTextEncoders(bundle.text_encoder, high_text)
+    return dataclasses.replace(bundle, unet=pair, text_encoder=text), high_text
+
+
+@torch.no_grad()
+def test_a_high_noise_expert_with_its_own_text_encoder_reads_its_half_of_the_context():
+    split, high_text = _split_pair(500)
+    pair, text = split.unet, split.text_encoder
+    ids = split.tokenizer(["a red circle above a blue square", ""])
+    ctx = text(ids).last_hidden_state
+    low_ctx, high_ctx = split.text_encoder.low(ids).last_hidden_state, high_text(ids).last_hidden_state
+    assert ctx.shape[-1] == 64 == text.config.width == pair.config.context_dim
+    torch.testing.assert_close(ctx, torch.cat([low_ctx, high_ctx], -1), rtol=0, atol=0)
+    assert (low_ctx - high_ctx).abs().max() > 1e-2  # two encoders: reading the wrong half would show
+    x, mask = torch.randn(2, 4, 8, 8), prompt_mask(ids, split.tokenizer.eos_token_id)
+    t = torch.tensor([900.0, 100.0])
+    out = pair(x, t, ctx, context_mask=mask)
+    torch.testing.assert_close(out[:1], pair.high(x[:1], t[:1], high_ctx[:1], context_mask=mask[:1]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(out[1:], pair.low(x[1:], t[1:], low_ctx[1:]), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="context of 64 features, got 32.*ExpertTextEncoders"):
+        pair(x, t, low_ctx)
+    other = copy.deepcopy(high_text)
+    other.config = dataclasses.replace(other.config, eos_token_id=5)
+    with pytest.raises(ValueError, match="eos_token_id"):
+        ExpertTextEncoders(split.text_encoder.low, other)
+
+
+@torch.no_grad()
+def test_bundle_with_an_expert_text_encoder_round_trips_and_generates(tmp_path):
+    split, high_text = _split_pair(550)
+    written = save_bundle(split, tmp_path / "m")
+    assert tmp_path / "m" / HIGH_NOISE_TEXT_FILE in written
+    assert json.loads((tmp_path / "m" / EXPERTS_FILE).read_text()) == {"boundary": 550, "split_context": True}
+    loaded = load_bundle(tmp_path / "m")
+    assert isinstance(loaded.text_encoder, ExpertTextEncoders) and loaded.unet.split_context
+    for a, b in ((loaded.text_encoder.low, split.text_encoder.low), (loaded.text_encoder.high, high_text)):
+        assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    a = StableDiffusion(split).generate("a red circle", steps=6, guidance=3.0, seed=0, output="latent")
+    b = StableDiffusion(loaded).generate("a red circle", steps=6, guidance=3.0, seed=0, output="latent")
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # the other text encoder changes the picture: the high expert does read its own
+    plain = dataclasses.replace(split, unet=NoiseLevelExperts(split.unet.high, split.unet.low, 550),
+                                text_encoder=split.text_encoder.low)  # fmt: skip
+    assert (StableDiffusion(plain).generate("a red circle", steps=6, guidance=3.0, seed=0, output="latent") - a).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="come together"):
+        save_bundle(dataclasses.replace(split, text_encoder=split.text_encoder.low), tmp_path / "bad")
+    save_bundle(plain, tmp_path / "m")  # saved over: no stale expert text encoder
+    assert not (tmp_path / "m" / HIGH_NOISE_TEXT_FILE).exists()
+    assert isinstance(load_bundle(tmp_path / "m").text_encoder, type(split.text_encoder.low))
+    (tmp_path / "m" / EXPERTS_FILE).write_text(json.dumps({"boundary": 550, "split_context": True}))
+    with pytest.raises(FileNotFoundError, match=HIGH_NOISE_TEXT_FILE):
+        load_bundle(tmp_path / "m")
+
 def test_diffusers_export_refuses_two_unets(tmp_path, capsys):
     from sfumato.cli import main
 
@@ -109,6 +177,20 @@ def test_expert_task_trains_only_high_noise_with_the_base_frozen():
     pair = task.bundle(task.unet)
     assert isinstance(pair.unet, NoiseLevelExperts) and pair.unet.low is task.low and pair.unet.boundary == 600
     assert all(torch.equal(v, base_state[k]) for k, v in task.low.state_dict().items())
+    # with its own text encoder: a trained copy of the base's; the base's stays as it was
+    base_text = {k: v.clone() for k, v in bundle.text_encoder.state_dict().items()}
+    joint = HighNoiseExpertTask(bundle, config, boundary=600, min_snr_gamma=5.0, train_text_encoder=True)
+    loss, _ = joint.loss(batch, BatchRandom(0, 0, batch["index"].tolist()), 0, joint.trainable())
+    loss.backward()
+    trained = joint.joint.text_encoder
+    assert trained is not bundle.text_encoder and trained.text_model.embeddings.token_embedding.weight.grad is not None
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.01)
+    b = joint.bundle(joint.trainable())
+    assert isinstance(b.text_encoder, ExpertTextEncoders) and b.unet.split_context
+    assert b.text_encoder.high is trained and b.text_encoder.low is joint.text.text_encoder
+    assert all(torch.equal(v, base_text[k]) for k, v in b.text_encoder.low.state_dict().items())
     with pytest.raises(ValueError, match="high_noise_share is fixed"):
         HighNoiseExpertTask(bundle, config, boundary=600, high_noise_share=0.5)
     with pytest.raises(ValueError, match="already has a high-noise expert"):

@@ -7,6 +7,8 @@
     preview_decoder.safetensors  optional: a tiny decoder for live previews (`models.preview`)
     unet_high_noise.safetensors  optional, with experts.json {"boundary": b}: a second U-Net that denoises
                                t >= b while unet.safetensors denoises t < b (`models.experts`)
+    text_encoder_high_noise.safetensors  optional, with the high-noise U-Net: its own text encoder (experts.json
+                               then says {"boundary": b, "split_context": true}; `ExpertTextEncoders`)
     schedule.json              the training noise schedule and prediction type, and the model's default
                                image size and guidance scale (ScheduleConfig)
 
@@ -28,7 +30,7 @@ import torch
 
 from sfumato.checkpoints.native import load_model, save_model
 from sfumato.models.clip import CLIPTextModel
-from sfumato.models.experts import NoiseLevelExperts
+from sfumato.models.experts import ExpertTextEncoders, NoiseLevelExperts
 from sfumato.models.preview import PreviewDecoder
 from sfumato.models.unet import UNet
 from sfumato.models.vae import AutoencoderKL
@@ -122,7 +124,7 @@ class Bundle:
 
     unet: UNet | NoiseLevelExperts
     vae: AutoencoderKL
-    text_encoder: CLIPTextModel
+    text_encoder: CLIPTextModel | ExpertTextEncoders  # the second with NoiseLevelExperts(split_context=True)
     tokenizer: CLIPTokenizer
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     preview_decoder: PreviewDecoder | None = None  # trained to imitate this VAE's decoder, for previews
@@ -131,6 +133,7 @@ class Bundle:
 BUNDLE_FILES = ("unet.safetensors", "vae.safetensors", "text_encoder.safetensors", "schedule.json")
 PREVIEW_FILE = "preview_decoder.safetensors"
 HIGH_NOISE_FILE, EXPERTS_FILE = "unet_high_noise.safetensors", "experts.json"
+HIGH_NOISE_TEXT_FILE = "text_encoder_high_noise.safetensors"
 
 
 def is_bundle(path: str | Path) -> bool:
@@ -146,18 +149,29 @@ def save_bundle(bundle: Bundle, directory: str | Path, *, dtype: torch.dtype | N
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     experts = bundle.unet if isinstance(bundle.unet, NoiseLevelExperts) else None
+    split = experts is not None and experts.split_context
+    if split != isinstance(bundle.text_encoder, ExpertTextEncoders):
+        raise ValueError(
+            "a high-noise expert with its own text encoder (NoiseLevelExperts(split_context=True)) and "
+            "ExpertTextEncoders come together; this bundle has one without the other"
+        )
+    text = bundle.text_encoder
     written = [
         save_model(bundle.unet if experts is None else experts.low, d / "unet.safetensors", dtype=dtype),
         save_model(bundle.vae, d / "vae.safetensors", dtype=dtype),
-        save_model(bundle.text_encoder, d / "text_encoder.safetensors", dtype=dtype),
+        save_model(text.low if split else text, d / "text_encoder.safetensors", dtype=dtype),
     ]
     if bundle.preview_decoder is not None:
         written.append(save_model(bundle.preview_decoder, d / PREVIEW_FILE, dtype=dtype))
-    for name in (HIGH_NOISE_FILE, EXPERTS_FILE):  # a folder saved over must not keep a stale expert
+    for name in (HIGH_NOISE_FILE, HIGH_NOISE_TEXT_FILE, EXPERTS_FILE):  # a folder saved over keeps no stale expert
         (d / name).unlink(missing_ok=True)
     if experts is not None:
         written.append(save_model(experts.high, d / HIGH_NOISE_FILE, dtype=dtype))
-        (d / EXPERTS_FILE).write_text(json.dumps({"boundary": experts.boundary}, indent=2) + "\n")
+        meta: dict = {"boundary": experts.boundary}
+        if split:
+            written.append(save_model(text.high, d / HIGH_NOISE_TEXT_FILE, dtype=dtype))
+            meta["split_context"] = True
+        (d / EXPERTS_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         written.append(d / EXPERTS_FILE)
     bundle.tokenizer.save(d / "tokenizer")
     (d / "schedule.json").write_text(json.dumps(asdict(bundle.schedule), indent=2) + "\n")
@@ -179,19 +193,22 @@ def load_bundle(directory: str | Path, device="cpu", dtype=None) -> Bundle:
             f"{d} is not a sfumato bundle: {missing} missing; convert a checkpoint with `sfumato convert`"
         )
     unet = _expect(load_model(d / "unet.safetensors", device, dtype), UNet, d / "unet.safetensors")
+    text = _expect(load_model(d / "text_encoder.safetensors", device, dtype), CLIPTextModel, d / "text_encoder.safetensors")
     if (d / EXPERTS_FILE).is_file():
-        if not (d / HIGH_NOISE_FILE).is_file():
-            raise FileNotFoundError(f"{d / EXPERTS_FILE} names a high-noise U-Net, but {HIGH_NOISE_FILE} is missing")
+        meta = json.loads((d / EXPERTS_FILE).read_text())
+        split = bool(meta.get("split_context", False))
+        for name in (HIGH_NOISE_FILE,) + ((HIGH_NOISE_TEXT_FILE,) if split else ()):
+            if not (d / name).is_file():
+                raise FileNotFoundError(f"{d / EXPERTS_FILE} names a high-noise expert, but {name} is missing")
         high = _expect(load_model(d / HIGH_NOISE_FILE, device, dtype), UNet, d / HIGH_NOISE_FILE)
-        unet = NoiseLevelExperts(high, unet, json.loads((d / EXPERTS_FILE).read_text())["boundary"])
+        unet = NoiseLevelExperts(high, unet, meta["boundary"], split_context=split)
+        if split:
+            high_text = load_model(d / HIGH_NOISE_TEXT_FILE, device, dtype)
+            text = ExpertTextEncoders(text, _expect(high_text, CLIPTextModel, d / HIGH_NOISE_TEXT_FILE))
     return Bundle(
         unet=unet,
         vae=_expect(load_model(d / "vae.safetensors", device, dtype), AutoencoderKL, d / "vae.safetensors"),
-        text_encoder=_expect(
-            load_model(d / "text_encoder.safetensors", device, dtype),
-            CLIPTextModel,
-            d / "text_encoder.safetensors",
-        ),
+        text_encoder=text,
         tokenizer=CLIPTokenizer.from_pretrained(d / "tokenizer"),
         schedule=ScheduleConfig.from_json(d / "schedule.json"),
         preview_decoder=(

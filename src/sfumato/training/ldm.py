@@ -38,7 +38,7 @@ from sfumato.checkpoints.bundle import Bundle, ScheduleConfig, save_bundle
 from sfumato.data.cache import LatentCache
 from sfumato.diffusion.denoisers import DiscreteDenoiser
 from sfumato.models.clip import CLIPTextModel, prompt_mask
-from sfumato.models.experts import NoiseLevelExperts
+from sfumato.models.experts import ExpertTextEncoders, NoiseLevelExperts
 from sfumato.models.unet import UNet, UNetConfig
 from sfumato.models.vae import AutoencoderKL
 from sfumato.pipelines.metadata import save_png  # atomic: temporary name, then rename
@@ -445,6 +445,9 @@ class HighNoiseExpertTask(LDMTask):
     base U-Net stays as it is and denoises t < boundary. Previews and the export are the pair, so
     `OUT/final` is the finished model. `kwargs` go to `LDMTask` (a Min-SNR floor keeps the noisiest levels,
     where nothing else is learnt here, from a weight near 0).
+
+    train_text_encoder: the expert gets a text encoder of its own, a copy of the base's trained with it; the
+    base's stays frozen for the low expert, and the pair reads both (`ExpertTextEncoders`, `split_context`).
     """
 
     name = "expert"
@@ -452,7 +455,7 @@ class HighNoiseExpertTask(LDMTask):
     def __init__(self, base: Bundle, unet_config: UNetConfig, *, boundary: int, **kwargs):
         if isinstance(base.unet, NoiseLevelExperts):
             raise ValueError("the base model already has a high-noise expert; give a model with one U-Net")
-        for key in ("high_noise_share", "high_noise_from", "layout_steps", "train_text_encoder"):
+        for key in ("high_noise_share", "high_noise_from", "layout_steps"):
             if key in kwargs:
                 raise ValueError(f"{key} is fixed for a high-noise expert (it trains on t >= boundary only)")
         super().__init__(unet_config, base.vae, base.text_encoder, base.tokenizer, base.schedule,
@@ -468,5 +471,11 @@ class HighNoiseExpertTask(LDMTask):
             self.low.to(device)
 
     def bundle(self, model: nn.Module) -> Bundle:
-        b = super().bundle(model)
-        return replace(b, unet=NoiseLevelExperts(b.unet, self.low, self.boundary), preview_decoder=self.preview_decoder)
+        b = super().bundle(model)  # the expert, and its own text encoder when they train together
+        split = self.joint is not None
+        return replace(
+            b,
+            unet=NoiseLevelExperts(b.unet, self.low, self.boundary, split_context=split),
+            text_encoder=ExpertTextEncoders(self.text.text_encoder, b.text_encoder) if split else b.text_encoder,
+            preview_decoder=self.preview_decoder,
+        )
