@@ -34,7 +34,14 @@ from sfumato.checkpoints.keymaps import (
     unet_config_to_diffusers,
     vae_config_to_diffusers,
 )
-from sfumato.checkpoints.native import load_model, load_weights, read_metadata, save_model
+from sfumato.checkpoints.native import (
+    load_model,
+    load_weights,
+    read_metadata,
+    replacing,
+    save_model,
+    write_text_atomic,
+)
 from sfumato.checkpoints.single_file import load_any, load_single_file
 from sfumato.cli import main as cli_main
 from sfumato.diffusion.schedules import alphas_cumprod, scaled_linear_betas
@@ -112,6 +119,23 @@ def test_native_round_trip(kind, tmp_path):
     same_tensors(model.state_dict(), loaded.state_dict())
     half = load_model(path, dtype=torch.float16)
     assert all(p.dtype == torch.float16 for p in half.parameters())
+
+
+def test_saved_files_get_the_usual_permissions_and_a_failed_write_leaves_nothing(tmp_path):
+    """Files are created under the umask (0o644 under umask 0o022), not mkstemp's private 0o600, so a
+    bundle one user writes stays readable to the others; a write that raises leaves no file at all."""
+    old = os.umask(0o022)
+    try:
+        path = save_model(NATIVE["vae"](), tmp_path / "vae.safetensors")
+        write_text_atomic(tmp_path / "a.json", "{}")
+    finally:
+        os.umask(old)
+    assert oct(path.stat().st_mode & 0o777) == oct(0o644)
+    assert oct((tmp_path / "a.json").stat().st_mode & 0o777) == oct(0o644)
+    with pytest.raises(RuntimeError, match="disk full"), replacing(tmp_path / "b.json") as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+    assert sorted(os.listdir(tmp_path)) == ["a.json", "vae.safetensors"]
 
 
 def test_load_weights_assigns_the_given_tensors():

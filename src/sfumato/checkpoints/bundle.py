@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from sfumato.checkpoints.native import load_model, save_model
+from sfumato.checkpoints.native import load_model, save_model, write_text_atomic
 from sfumato.models.clip import CLIPTextModel
 from sfumato.models.experts import ExpertTextEncoders, NoiseLevelExperts
 from sfumato.models.preview import PreviewDecoder
@@ -171,10 +171,10 @@ def save_bundle(bundle: Bundle, directory: str | Path, *, dtype: torch.dtype | N
         if split:
             written.append(save_model(text.high, d / HIGH_NOISE_TEXT_FILE, dtype=dtype))
             meta["split_context"] = True
-        (d / EXPERTS_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        write_text_atomic(d / EXPERTS_FILE, json.dumps(meta, indent=2) + "\n")
         written.append(d / EXPERTS_FILE)
     bundle.tokenizer.save(d / "tokenizer")
-    (d / "schedule.json").write_text(json.dumps(asdict(bundle.schedule), indent=2) + "\n")
+    write_text_atomic(d / "schedule.json", json.dumps(asdict(bundle.schedule), indent=2) + "\n")
     return written + [d / "tokenizer", d / "schedule.json"]
 
 

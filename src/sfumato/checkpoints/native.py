@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -80,18 +82,46 @@ def save_model(
     return path
 
 
-def save_tensors(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
-    """`safetensors.torch.save_file` through a temporary file in the target folder and `os.replace`."""
+def _file_mode() -> int:
+    """The mode `open()` gives a new file: 0o666 less the process's umask (read from /proc, which
+    does not change it; elsewhere set and restored)."""
+    try:
+        with open("/proc/self/status") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
+@contextmanager
+def replacing(path: str | Path) -> Iterator[Path]:
+    """A temporary name beside `path` to write to; on success it gets the usual permissions (umask) and is
+    renamed over `path` (`os.replace`); on an exception it is removed. Writers that make private files
+    (safetensors' `save_file`, `tempfile.mkstemp`: 0o600) would otherwise leave a bundle that the other
+    users who share it cannot read."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
-        save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata)
+        yield tmp
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """`Path.write_text` through `replacing`: a reader sees the old file or the new one, never half."""
+    with replacing(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def save_tensors(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
+    """`safetensors.torch.save_file` through `replacing`."""
+    with replacing(path) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata)
 
 
 def unshare_storage(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +42,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from sfumato.checkpoints.native import save_tensors
+from sfumato.checkpoints.native import save_tensors, write_text_atomic
 
 CACHE_VERSION = 1  # bump when the layout or what is stored changes: old caches then stop matching
 THUMB = 4  # side of the thumbnail kept per image to detect a dataset that does not match the cache
@@ -201,14 +199,7 @@ def _shard_name(k: int) -> str:
 
 
 def _write_json_atomic(path: Path, data) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 @torch.no_grad()

@@ -16,8 +16,6 @@ Per example i the draws are, in this order: u_i (caption dropout, conditional mo
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -26,7 +24,7 @@ import torch
 from torch import nn
 
 from sfumato.checkpoints.bundle import ScheduleConfig
-from sfumato.checkpoints.native import load_model, save_model
+from sfumato.checkpoints.native import load_model, save_model, write_text_atomic
 from sfumato.diffusion.denoisers import DiscreteDenoiser
 from sfumato.diffusion.guidance import classifier_free_guidance, static_thresholding
 from sfumato.diffusion.samplers import SAMPLERS
@@ -239,10 +237,7 @@ class DDPMTask:
             written.append(save_model(self.text.text_encoder, d / "text_encoder.safetensors"))
             self.text.tokenizer.save(d / "tokenizer")
             written.append(d / "tokenizer")
-        fd, tmp = tempfile.mkstemp(prefix=".schedule.json.", suffix=".tmp", dir=d)
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(asdict(self.schedule), indent=2) + "\n")
-        os.replace(tmp, d / "schedule.json")
+        write_text_atomic(d / "schedule.json", json.dumps(asdict(self.schedule), indent=2) + "\n")
         return written + [d / "schedule.json"]
 
 
