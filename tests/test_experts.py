@@ -197,13 +197,20 @@ def test_expert_task_trains_only_high_noise_with_the_base_frozen():
         HighNoiseExpertTask(dataclasses.replace(bundle, unet=pair.unet), config, boundary=600)
 
 
-def test_train_expert_stage_writes_a_pair_that_generates(tmp_path, tiny_bundle_path):
+@pytest.mark.parametrize("own_encoder", [False, True], ids=["frozen-encoder", "own-encoder"])
+def test_train_expert_stage_writes_a_pair_that_generates(tmp_path, tiny_bundle_path, monkeypatch, own_encoder):
+    """The CLI stage, as the shipped recipe runs it (own_encoder: a text encoder of the expert's own)."""
     from sfumato.cli import main
 
+    tiny = dataclasses.replace(R.RECIPES["expert"]["tiny"], train_text_encoder=own_encoder)
+    monkeypatch.setitem(R.RECIPES["expert"], "tiny", tiny)
     out = tmp_path / "expert"
     assert main(["train", "expert", "--preset", "tiny", "--base", str(tiny_bundle_path), "--out", str(out)]) == 0
     pipe = StableDiffusion(load_bundle(out / "final"))
     assert isinstance(pipe.unet, NoiseLevelExperts) and pipe.unet.boundary == R.recipe("expert", "tiny").boundary
+    assert pipe.unet.split_context == own_encoder
+    assert isinstance(pipe.text_encoder, ExpertTextEncoders) == own_encoder
+    assert (out / "final" / "text_encoder_high_noise.safetensors").exists() == own_encoder
     assert pipe.generate("a red circle", steps=3, seed=0)[0].size == (32, 32)
     assert main(["train", "expert", "--preset", "tiny", "--base", str(out / "final"), "--out", str(tmp_path / "again")]) == 2
     assert main(["train", "expert", "--preset", "tiny", "--out", str(tmp_path / "x")]) == 2

@@ -122,3 +122,20 @@ def test_the_shipped_model_puts_things_where_the_prompt_says():
         assert max(centres[where]) < half, centres
     for where in ("at the bottom", "on the right"):
         assert min(centres[where]) > half, centres
+
+
+@shipped
+def test_the_shipped_model_puts_the_named_object_first():
+    """"a red circle above a blue square" and its mirror: the red object's centre is above the blue one's, then
+    below it. The expert that read the base's frozen text encoder put the pair in the named order in 48 of 113
+    eval images (chance); with its own encoder 127 of 128. 7 of 8 here: a coin toss per image passes 1 time in 28."""
+    from sfumato.eval.shapes import detect
+
+    pipe = sfumato.load(default_model())
+    right = 0
+    for prompt, red_above in (("a red circle above a blue square", True), ("a blue square above a red circle", False)):
+        for image in pipe.generate(prompt, steps=20, batch=4, seed=[0, 1, 2, 3]):
+            found = {o["color"]: o["center"] for o in detect(image)}
+            if "red" in found and "blue" in found:  # center is (x, y), y downwards
+                right += (found["red"][1] < found["blue"][1]) == red_above
+    assert right >= 7, f"{right} of 8 images in the named order"

@@ -8,10 +8,10 @@ Both read the same latents. By default they also read the same text context, so 
 serve both; with `split_context` the high expert reads its own text encoder's states, which `ExpertTextEncoders`
 computes beside the low one's from the same token ids and stacks along the features (as SDXL stacks the states of
 its two CLIP encoders into one context). A sampler never sees the split: at each step it calls one network, as
-with a single U-Net, on one context. Each expert is trained only
-on its own range of t (`LDMTask(high_noise_share=1, high_noise_from=boundary)` trains a `high`), so a small
-model can spend all its capacity on what that range decides; in sfumato's shipped model the high-noise expert
-is the part that reads places and relations ("a red circle above a blue square"), which the one-U-Net recipes
+with a single U-Net, on one context. Each expert is trained only on its own range of t
+(`LDMTask(high_noise_share=1, high_noise_from=boundary)` trains a `high`), so a small model can spend all its
+capacity on what that range decides; in sfumato's shipped model the high-noise expert is the part that reads
+places and relations ("a red circle above a blue square"), which the one-U-Net recipes
 could only learn by giving up the low-noise training that draws shapes (README, "The shipped model").
 """
 

@@ -77,8 +77,8 @@ class LDMRecipe:
     cache: bool = False  # encode every image and caption once (data.cache) instead of every step
     train_text_encoder: bool = False  # fine-tune (a copy of) the CLIP text tower with the U-Net (LDMTask)
     preview_prompts: tuple[str, ...] = ("a red circle", "a blue square above a green triangle", "")
-    # ShapesDataset caption settings for this stage (position_prob, relation_prob); ignored for image folders
-    shapes_captions: dict[str, float] = field(default_factory=dict)
+    # ShapesDataset keyword arguments for this stage (position_prob, relation_prob, repeat_prob); ignored for folders
+    shapes_options: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -99,7 +99,7 @@ class ExpertRecipe:
     min_snr_floor: float = 1.0
     cache: bool = True
     preview_prompts: tuple[str, ...] = ("a red circle at the top", "a blue square above a green triangle", "")
-    shapes_captions: dict[str, float] = field(default_factory=dict)
+    shapes_options: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -167,7 +167,7 @@ RECIPES: dict[str, dict] = {
         "shapes": LDMRecipe(
             # The shipped model (shapes-3). Tried and not kept (README "Why positions were ignored"): shapes-5 =
             # this with mask_padding=True, min_snr_floor=1.0, high_noise_share=0.4, high_noise_from=750,
-            # shapes_captions={"position_prob": 1.0, "relation_prob": 1.0} and 4,000 steps: positions 29 -> 100 %,
+            # shapes_options={"position_prob": 1.0, "relation_prob": 1.0} and 4,000 steps: positions 29 -> 100 %,
             # relations 29 -> 71 % (held out 25 -> 84 %), shapes 90 -> 33 % (crosses, triangles, diamonds blur).
             # shapes-6 = shapes-5's settings for 2,000 steps (layout_steps=2000), then 2,500 of this objective:
             # positions 96 %, relations 41 %, shapes 28 %: the shapes never came back.
@@ -185,18 +185,21 @@ RECIPES: dict[str, dict] = {
         ),  # fmt: skip
     },
     # a second U-Net for the noisiest steps (eDiff-I's split, models.experts), trained after the ldm stage on its
-    # latents and frozen text encoder
+    # latents; it reads the ldm stage's text encoder frozen, or (train_text_encoder) a copy trained with it
     "expert": {
         "tiny": ExpertRecipe(_tiny_train(6, 8, 1e-3), data_size=64, preview_prompts=("a red circle",)),
         # The shipped model's layout expert: the ldm stage's U-Net never learnt places (positions and relations at
         # chance), and the single-U-Net recipes that did (shapes-5, -6) lost shapes. This one reads only the
-        # prompt's tokens (mask_padding) and sees only t >= 550, with every place and relation stated. With it:
-        # positions 29 -> 69 %, relations 29 -> 40 %, shapes 90 -> 92 % (README "Both: a second U-Net").
+        # prompt's tokens (mask_padding) and sees only t >= 550, with every place and relation stated, through a
+        # text encoder of its own. Reading the base's frozen encoder it reached positions 29 -> 69 %, relations
+        # 29 -> 40 %: that encoder hardly tells "a above b" from "b above a". With its own: 100 % and 100 %
+        # (held out 97 %), shapes 90 -> 96 % (README "Both: a second U-Net").
         "shapes": ExpertRecipe(  # the base's architecture (shapes-3's: 6.7 M parameters), masked
             TrainConfig(steps=3000, batch_size=64, lr=4e-4, warmup_steps=100, ema_decay=0.998,
                         preview_every=500, checkpoint_every=250, log_every=25),
             boundary=550, data_size=30_000,
-            shapes_captions={"position_prob": 1.0, "relation_prob": 1.0},
+            shapes_options={"position_prob": 1.0, "relation_prob": 1.0},
+            train_text_encoder=True,
         ),  # fmt: skip
     },
     # distils the VAE's decoder into a tiny one for live previews (models.preview); minutes on 2 cores
@@ -309,7 +312,7 @@ def train_ldm(
 ) -> TrainResult:
     from sfumato.training.ldm import LDMTask
 
-    ds = dataset_for(data, r.image_size, r.data_size, **r.shapes_captions)
+    ds = dataset_for(data, r.image_size, r.data_size, **r.shapes_options)
     vae_m = load_model(vae)
     text_m = load_model(text_encoder)
     tok = CLIPTokenizer.from_pretrained(tokenizer)
@@ -345,7 +348,7 @@ def train_expert(
     b = load_bundle(base, dtype=torch.float32)  # the shipped model stores float16; training computes in float32
     if isinstance(b.unet, NoiseLevelExperts):
         raise ValueError(f"{base} already has a high-noise expert ({b.unet.boundary:g}); give a model with one U-Net")
-    ds = dataset_for(data, r.image_size, r.data_size, **r.shapes_captions)
+    ds = dataset_for(data, r.image_size, r.data_size, **r.shapes_options)
     c = b.unet.config
     unet = replace(r.unet or c, context_dim=c.context_dim, in_channels=c.in_channels, out_channels=c.out_channels,
                    mask_padding=r.mask_padding, context_layers=r.context_layers)  # fmt: skip
