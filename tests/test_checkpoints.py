@@ -25,6 +25,7 @@ from diffusers.loaders.single_file_utils import (
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from sfumato.checkpoints.atomic import replacing, write_text_atomic
 from sfumato.checkpoints.bundle import Bundle, ScheduleConfig, load_bundle, save_bundle
 from sfumato.checkpoints.clip_keys import to_openai_clip
 from sfumato.checkpoints.diffusers_folder import load_diffusers, save_diffusers
@@ -34,14 +35,7 @@ from sfumato.checkpoints.keymaps import (
     unet_config_to_diffusers,
     vae_config_to_diffusers,
 )
-from sfumato.checkpoints.native import (
-    load_model,
-    load_weights,
-    read_metadata,
-    replacing,
-    save_model,
-    write_text_atomic,
-)
+from sfumato.checkpoints.native import load_model, load_weights, read_metadata, save_model
 from sfumato.checkpoints.single_file import load_any, load_single_file
 from sfumato.cli import main as cli_main
 from sfumato.diffusion.schedules import alphas_cumprod, scaled_linear_betas

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from sfumato.checkpoints.native import load_model, save_model, write_text_atomic
+from sfumato.checkpoints.atomic import write_text_atomic
+from sfumato.checkpoints.native import load_model, save_model
 from sfumato.models.clip import CLIPTextModel
 from sfumato.models.experts import ExpertTextEncoders, NoiseLevelExperts
 from sfumato.models.preview import PreviewDecoder

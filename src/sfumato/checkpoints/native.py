@@ -14,10 +14,6 @@ interrupted save never leaves a half-written checkpoint under the real name.
 from __future__ import annotations
 
 import json
-import os
-import secrets
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from sfumato import __version__
+from sfumato.checkpoints.atomic import replacing
 from sfumato.models.clip import (
     CLIP,
     CLIPConfig,
@@ -80,42 +77,6 @@ def save_model(
     state = unshare_storage(state)
     save_tensors(state, path, metadata)
     return path
-
-
-def _file_mode() -> int:
-    """The mode `open()` gives a new file: 0o666 less the process's umask (read from /proc, which
-    does not change it; elsewhere set and restored)."""
-    try:
-        with open("/proc/self/status") as f:
-            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
-    except (OSError, StopIteration, ValueError):
-        mask = os.umask(0o022)
-        os.umask(mask)
-    return 0o666 & ~mask
-
-
-@contextmanager
-def replacing(path: str | Path) -> Iterator[Path]:
-    """A temporary name beside `path` to write to; on success it gets the usual permissions (umask) and is
-    renamed over `path` (`os.replace`); on an exception it is removed. Writers that make private files
-    (safetensors' `save_file`, `tempfile.mkstemp`: 0o600) would otherwise leave a bundle that the other
-    users who share it cannot read."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        yield tmp
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """`Path.write_text` through `replacing`: a reader sees the old file or the new one, never half."""
-    with replacing(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return Path(path)
 
 
 def save_tensors(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:

@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from sfumato.checkpoints.native import save_tensors, write_text_atomic
+from sfumato.checkpoints.atomic import write_text_atomic
+from sfumato.checkpoints.native import save_tensors
 
 CACHE_VERSION = 1  # bump when the layout or what is stored changes: old caches then stop matching
 THUMB = 4  # side of the thumbnail kept per image to detect a dataset that does not match the cache
@@ -198,10 +199,6 @@ def _shard_name(k: int) -> str:
     return f"shard-{k:05d}.safetensors"
 
 
-def _write_json_atomic(path: Path, data) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2))
-
-
 @torch.no_grad()
 def build_latent_cache(
     dataset,
@@ -274,5 +271,5 @@ def build_latent_cache(
         vae.train(was_training[0]), text_encoder.train(was_training[1])
     manifest = {"key": key, "size": n, "shard_size": shard_size, "dtype": str(dtype),
                 "scaling_factor": float(vae.config.scaling_factor)}  # fmt: skip
-    _write_json_atomic(folder / "manifest.json", manifest)
+    write_text_atomic(folder / "manifest.json", json.dumps(manifest, indent=2))
     return LatentCache(folder)

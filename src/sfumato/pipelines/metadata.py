@@ -22,10 +22,11 @@ import json
 import math
 import operator
 import os
-import secrets
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
+
+from sfumato.checkpoints.atomic import replacing
 
 # (our sampler name, Karras sigmas) -> the webui's display name.
 SAMPLER_NAMES: dict[tuple[str, bool], str] = {
@@ -338,17 +339,10 @@ def save_png(image: Image.Image, path: str | os.PathLike, parameters: dict | str
     if parameters is not None:
         text = parameters if isinstance(parameters, str) else format_parameters(parameters)
         info.add_text("parameters", text)  # PIL writes iTXt (UTF-8) when the text is not latin-1
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # open(..., "xb") rather than tempfile.mkstemp: the file gets the usual permissions (umask), not 0600.
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with replacing(path) as tmp, open(tmp, "xb") as f:
+        image.save(f, format="PNG", pnginfo=info)
+        f.flush()
+        os.fsync(f.fileno())
     return path
 
 

@@ -36,6 +36,8 @@ from pathlib import Path
 import torch
 from PIL import Image, PngImagePlugin
 
+from sfumato.checkpoints.atomic import replacing
+
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -183,13 +185,8 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with replacing(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def _interrupted_parameters(job: Job, seed: int) -> str:

@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sfumato.checkpoints.atomic import write_text_atomic
 from sfumato.checkpoints.bundle import ScheduleConfig
-from sfumato.checkpoints.native import load_model, save_model, write_text_atomic
+from sfumato.checkpoints.native import load_model, save_model
 from sfumato.diffusion.denoisers import DiscreteDenoiser
 from sfumato.diffusion.guidance import classifier_free_guidance, static_thresholding
 from sfumato.diffusion.samplers import SAMPLERS

@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from sfumato.checkpoints.atomic import write_text_atomic
 from sfumato.checkpoints.native import unshare_storage
 from sfumato.data import collate
 from sfumato.training.task import BatchRandom, Task, example_seed
@@ -282,9 +283,7 @@ def _save_checkpoint(
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(root)
-    latest_tmp = root / f".latest-{os.getpid()}"
-    latest_tmp.write_text(final.name + "\n")
-    os.replace(latest_tmp, root / "latest")
+    write_text_atomic(root / "latest", final.name + "\n")
     for old in list_checkpoints(out)[: -cfg.keep_checkpoints]:  # only after the new one is complete
         shutil.rmtree(old, ignore_errors=True)
     return final
