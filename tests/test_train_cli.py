@@ -54,6 +54,39 @@ def test_train_ldm_needs_its_frozen_parts(tmp_path, capsys):
     assert "choose one of tiny, shapes" in capsys.readouterr().err
 
 
+def test_train_ldm_reads_float16_parts(tmp_path):
+    """The shipped model stores float16; `train ldm --vae/--text-from` on such files trains in float32."""
+    import shutil
+
+    import torch
+
+    from sfumato.checkpoints.native import load_model, save_model
+
+    assert main(["train", "vae", "--preset", "tiny", "--out", str(tmp_path / "vae")]) == 0
+    assert main(["train", "clip", "--preset", "tiny", "--out", str(tmp_path / "clip")]) == 0
+    half = tmp_path / "half"
+    half.mkdir()
+    save_model(load_model(tmp_path / "vae/final/vae.safetensors"), half / "vae.safetensors", dtype=torch.float16)
+    text = load_model(tmp_path / "clip/final/text_encoder.safetensors")
+    save_model(text, half / "text_encoder.safetensors", dtype=torch.float16)
+    shutil.copytree(tmp_path / "clip/final/tokenizer", half / "tokenizer")
+    argv = ["train", "ldm", "--preset", "tiny", "--out", str(tmp_path / "ldm"), "--vae", str(half / "vae.safetensors"),
+            "--text-from", str(half)]  # fmt: skip
+    assert main(argv) == 0
+    assert next(sfumato.load(tmp_path / "ldm/final").unet.parameters()).dtype == torch.float32
+
+
+def test_a_low_noise_ldm_recipe_must_meet_its_expert(tmp_path, monkeypatch):
+    ldm = R.RECIPES["ldm"]["tiny"]
+    monkeypatch.setitem(R.RECIPES["ldm"], "tiny", replace(ldm, low_noise_until=123))
+    with pytest.raises(ValueError, match="trains t < 123 but its expert takes over at t >= "):
+        R.train_pipeline("shapes", tmp_path / "run", "tiny")
+    monkeypatch.setitem(R.RECIPES["expert"], "tiny", replace(R.RECIPES["expert"]["tiny"], boundary=123))
+    monkeypatch.delitem(R.RECIPES["expert"], "tiny")
+    with pytest.raises(ValueError, match="needs a high-noise expert for the rest"):
+        R.train_pipeline("shapes", tmp_path / "run", "tiny")
+
+
 @pytest.mark.slow  # 97 s on 2 cores; test_train_vae_clip.py::test_clip_task_learns_colours stays in the default run
 def test_short_clip_run_on_shapes_classifies_colors_zero_shot(tmp_path):
     """150 steps of the tiny CLIP on 2,000 shapes images; zero-shot colour on 60 unseen single-object images

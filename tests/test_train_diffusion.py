@@ -4,6 +4,7 @@ exports load back. The optimiser loop here is a bare AdamW loop; the real one is
 import math
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_bundle
@@ -15,6 +16,7 @@ from sfumato.data.cache import build_latent_cache
 from sfumato.diffusion.denoisers import DiscreteDenoiser
 from sfumato.models.clip import CLIPTextModel
 from sfumato.models.unet import UNET_PRESETS, UNetConfig
+from sfumato.pipelines.images import tensor_to_images
 from sfumato.training.ddpm import DDPM_SCHEDULE, DDPMTask, load_ddpm, sample_images
 from sfumato.training.ldm import LDMTask
 from sfumato.training.task import BatchRandom
@@ -153,6 +155,40 @@ def test_high_noise_share_draws_that_share_from_the_top_timesteps(parts):
     assert 0.45 < share < 0.65, share
     assert float((t_half < 900).float().mean()) > 0.35
 
+
+def test_low_noise_until_draws_only_the_low_experts_levels(parts):
+    data, device = SolidColours(n=400), torch.device("cpu")
+    batch, idx = batch_of(data, range(400)), torch.arange(400)
+    t = ldm_task(parts, low_noise_until=550).prepare(batch, BatchRandom(0, 0, idx), device)["t"]
+    # 400 draws from U{0..549}: every one below the boundary, spread over the range (P(max < 500) ~ 1e-17)
+    assert int(t.min()) >= 0 and int(t.max()) < 550 and int(t.max()) >= 500 and int(t.min()) < 50
+    assert len(set(t.tolist())) > 200
+    with pytest.raises(ValueError, match="low_noise_until must be a timestep in \\(0, 1000\\], got 0"):
+        ldm_task(parts, low_noise_until=0)
+    with pytest.raises(ValueError, match="opposite timestep ranges"):
+        ldm_task(parts, low_noise_until=550, high_noise_share=0.5)
+
+
+
+def test_a_low_noise_only_unet_previews_its_own_job(parts, tmp_path):
+    """With low_noise_until the preview cannot sample from pure noise (nothing learnt t >= the boundary), so
+    it shows the first training images noised to below the boundary and denoised: no level above it runs."""
+    data = SolidColours()
+    task = ldm_task(parts, low_noise_until=500)
+    assert task.preview(task.trainable(), 0, tmp_path / "samples") == []  # no image seen yet
+    train(task, data, 2)
+    first = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:2]  # train()'s first batch
+    for (image, caption), i in zip(task._preview_items, first.tolist()):
+        assert caption == data[i]["caption"]
+        assert np.array_equal(np.asarray(image), np.asarray(tensor_to_images(data[i]["image"][None])[0]))
+    seen = []
+    unet = task.trainable()
+    hook = unet.register_forward_pre_hook(lambda m, args: seen.append(float(args[1].max())))
+    (png,) = task.preview(unet, 2, tmp_path / "samples")
+    hook.remove()
+    assert seen and max(seen) < 500, seen
+    grid = Image.open(png)
+    assert grid.size[0] == 3 * 128 and grid.size[1] == 2 * (128 + 14)  # image + 2 seeds, 2 rows with captions
 
 
 def test_layout_steps_end_the_high_noise_share_and_the_floor(parts):

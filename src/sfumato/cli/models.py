@@ -256,4 +256,7 @@ def _train(args: argparse.Namespace) -> int:
     print(f"step {result.step}: {result.images_per_s:.1f} images/s; checkpoint {result.checkpoint}")
     for path in result.exported:
         print(path)
+    if args.task == "ldm" and r.low_noise_until is not None:
+        print(f"note: this U-Net learnt t < {r.low_noise_until} only and cannot sample from noise alone; give it its "
+              f"high-noise expert: sfumato train expert --preset {args.preset} --base {out / 'final'} --out ...")  # fmt: skip
     return 0

@@ -7,7 +7,8 @@ One step of `LDMTask.loss`, per example i of the batch (all random numbers from 
        also learns the unconditional model that classifier-free guidance needs (Ho & Salimans 2022, sec. 3.2)
     2. t_i ~ U{0, ..., T-1}; with `high_noise_share` s > 0, first v_i ~ U[0, 1), then t_i ~ U{T_h, ..., T-1}
        (T_h = `high_noise_from`) when v_i < s, else U{0, ..., T-1}. With `layout_steps` L, that holds for
-       steps < L; from step L on the same numbers are drawn and t_i is the U{0, ..., T-1} draw
+       steps < L; from step L on the same numbers are drawn and t_i is the U{0, ..., T-1} draw.
+       With `low_noise_until` T_l, t_i ~ U{0, ..., T_l-1} instead (the low expert of `NoiseLevelExperts`)
     3. e_i ~ N(0, I): the VAE posterior sample z0 = scaling_factor · (μ(x) + σ(x) e_i)   (frozen VAE)
     4. n_i ~ N(0, I): the diffusion noise; x_t = sqrt(ᾱ_t) z0 + sqrt(1 - ᾱ_t) n_i
     loss_i = |U-Net(x_t, t, context_i) - target|², target = n_i (eps) or v (Salimans & Ho 2022)
@@ -41,6 +42,7 @@ from sfumato.models.clip import CLIPTextModel, prompt_mask
 from sfumato.models.experts import ExpertTextEncoders, NoiseLevelExperts
 from sfumato.models.unet import UNet, UNetConfig
 from sfumato.models.vae import AutoencoderKL
+from sfumato.pipelines.images import tensor_to_images
 from sfumato.pipelines.metadata import save_png  # atomic: temporary name, then rename
 from sfumato.pipelines.stable_diffusion import StableDiffusion, discrete_schedule
 from sfumato.text.tokenizer import CLIPTokenizer
@@ -203,6 +205,12 @@ class LDMTask:
     layout_steps: a two-phase run. For steps < layout_steps, `high_noise_share` and `min_snr_floor` apply (the
         layout phase); from then on timesteps are uniform and the weight is plain Min-SNR-γ (the detail
         phase: the low noise levels, where edges are drawn, get their full share back). None: the whole run.
+    low_noise_until: draw every t from [0, low_noise_until) only: a U-Net that will serve as the `low` of
+        `NoiseLevelExperts` with that boundary, beside a high-noise expert (`HighNoiseExpertTask`) that learns
+        the rest, spends all its steps on the levels it will be asked about (eDiff-I trains each expert on its
+        own range). Such a U-Net cannot sample from pure noise alone, so its previews show its own job
+        instead: the first training images seen, noised to just below the boundary and denoised under their
+        captions (image-to-image at strength low_noise_until / T). None: every level.
     cache: a `LatentCache` of this dataset under this VAE and text encoder (`build_latent_cache`); with
         `train_text_encoder` only its latents are read.
     train_text_encoder: train a copy of the text encoder with the U-Net (`TextToImageModel`); the exported
@@ -227,6 +235,7 @@ class LDMTask:
         high_noise_share: float = 0.0,
         high_noise_from: int = 750,
         layout_steps: int | None = None,
+        low_noise_until: int | None = None,
         seed: int = 0,
         preview_prompts: Sequence[str] = DEFAULT_PROMPTS,
         preview_seeds: Sequence[int] = (0, 1, 2, 3),
@@ -277,6 +286,14 @@ class LDMTask:
                 f"layout_steps={layout_steps} ends a layout phase that needs high_noise_share > 0 or "
                 f"min_snr_floor > 0 and a step count >= 0; leave it None for a single-phase run"
             )
+        if low_noise_until is not None:
+            if not 0 < low_noise_until <= T:
+                raise ValueError(f"low_noise_until must be a timestep in (0, {T}], got {low_noise_until}")
+            if high_noise_share:
+                raise ValueError(
+                    f"low_noise_until={low_noise_until} and high_noise_share={high_noise_share} ask for opposite "
+                    "timestep ranges; a low-noise expert takes no high-noise share"
+                )
         if cache is not None and abs(cache.scaling_factor - vae.config.scaling_factor) > 1e-12:
             raise ValueError(
                 f"the cache was built with scaling_factor {cache.scaling_factor}, the VAE has "
@@ -291,6 +308,7 @@ class LDMTask:
         self.min_snr_gamma, self.min_snr_floor = min_snr_gamma, min_snr_floor
         self.high_noise_share, self.high_noise_from = high_noise_share, high_noise_from
         self.layout_steps = layout_steps
+        self.low_noise_until = low_noise_until
         self.seed = seed
         self.preview_prompts = list(preview_prompts)
         self.preview_seeds = list(preview_seeds)
@@ -299,6 +317,7 @@ class LDMTask:
         self.cache = cache
         self.image_size: tuple[int, int] | None = None  # (H, W) of the training images, once seen
         self.joint: TextToImageModel | None = None
+        self._preview_items: list[tuple[Image.Image, str]] | None = None  # low_noise_until's previews
         if train_text_encoder:
             trained = copy.deepcopy(text_encoder).train().requires_grad_(True)
             if trained.text_projection is not None:  # unused by the loss: no gradient, and DDP would stall on it
@@ -337,6 +356,9 @@ class LDMTask:
         f = self.vae.config.downsample_factor
         check_size(H, W, f * self.unet.config.downsample_factor, "LDMTask")
         self.image_size = self.image_size or (H, W)
+        if self.low_noise_until is not None and self._preview_items is None:  # no draw: the batch stays the same
+            k = min(B, len(self.preview_seeds))
+            self._preview_items = list(zip(tensor_to_images(images[:k].float()), captions[:k]))
         latent_shape = (self.vae.config.z_channels, H // f, W // f)
 
         drop = dropped(rng, self.caption_dropout)  # 1.
@@ -346,7 +368,7 @@ class LDMTask:
             high_t, uniform_t = self.high_noise_from + rng.randint(T - self.high_noise_from), rng.randint(T)
             t = torch.where(high, high_t, uniform_t) if self.in_layout_phase(step) else uniform_t
         else:
-            t = rng.randint(T)
+            t = rng.randint(T if self.low_noise_until is None else self.low_noise_until)
         posterior_eps = rng.randn(*latent_shape).to(device)  # 3.
         noise = rng.randn(*latent_shape).to(device)  # 4.
 
@@ -418,6 +440,8 @@ class LDMTask:
         self._to(p.device)
         try:
             pipe = StableDiffusion(self.bundle(unet), device=p.device, dtype=p.dtype)  # sets eval()
+            if self.low_noise_until is not None:
+                return self._low_noise_preview(pipe, step, folder)
             H, W = self.image_size or (self.schedule.image_size or 64,) * 2
             images = pipe.generate(
                 self.preview_prompts, steps=self.preview_steps, guidance=self.preview_guidance,
@@ -431,6 +455,21 @@ class LDMTask:
         rows = [images[r * n : (r + 1) * n] for r in range(len(self.preview_prompts))]
         grid = image_grid(rows, self.preview_prompts)
         return [save_png(grid, Path(folder) / f"{self.name}-{step:07d}.png")]
+
+    def _low_noise_preview(self, pipe: StableDiffusion, step: int, folder) -> list[Path]:
+        """Per row a training image, then what the U-Net makes of it from just below `low_noise_until`
+        under its caption, one column per preview seed (see `low_noise_until`)."""
+        if not self._preview_items:  # before any batch (a preview at step 0)
+            return []
+        strength = self.low_noise_until / self.train_schedule.num_timesteps
+        rows, labels = [], []
+        for image, caption in self._preview_items:
+            out = pipe.image_to_image(image, caption, strength=strength, steps=self.preview_steps,
+                                      guidance=self.preview_guidance, sampler=self.preview_sampler,
+                                      batch=len(self.preview_seeds), seed=list(self.preview_seeds), progress=False)  # fmt: skip
+            rows.append([image, *out])
+            labels.append(caption)
+        return [save_png(image_grid(rows, labels), Path(folder) / f"{self.name}-{step:07d}.png")]
 
     def export(self, model: nn.Module, folder) -> list[Path]:
         """A bundle folder (`sfumato.load(folder)`, `sfumato generate --model folder`)."""
@@ -455,7 +494,7 @@ class HighNoiseExpertTask(LDMTask):
     def __init__(self, base: Bundle, unet_config: UNetConfig, *, boundary: int, **kwargs):
         if isinstance(base.unet, NoiseLevelExperts):
             raise ValueError("the base model already has a high-noise expert; give a model with one U-Net")
-        for key in ("high_noise_share", "high_noise_from", "layout_steps"):
+        for key in ("high_noise_share", "high_noise_from", "layout_steps", "low_noise_until"):
             if key in kwargs:
                 raise ValueError(f"{key} is fixed for a high-noise expert (it trains on t >= boundary only)")
         super().__init__(unet_config, base.vae, base.text_encoder, base.tokenizer, base.schedule,

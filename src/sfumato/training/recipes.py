@@ -74,6 +74,7 @@ class LDMRecipe:
     high_noise_share: float = 0.0  # share of examples with t drawn from [high_noise_from, T) (LDMTask)
     high_noise_from: int = 750
     layout_steps: int | None = None  # the share and the floor apply to steps < layout_steps only (LDMTask)
+    low_noise_until: int | None = None  # t drawn from [0, low_noise_until) only: the low expert's range (LDMTask)
     cache: bool = False  # encode every image and caption once (data.cache) instead of every step
     train_text_encoder: bool = False  # fine-tune (a copy of) the CLIP text tower with the U-Net (LDMTask)
     preview_prompts: tuple[str, ...] = ("a red circle", "a blue square above a green triangle", "")
@@ -310,11 +311,13 @@ def train_ldm(
     until=None,
     progress=None,
 ) -> TrainResult:
+    import torch
+
     from sfumato.training.ldm import LDMTask
 
     ds = dataset_for(data, r.image_size, r.data_size, **r.shapes_options)
-    vae_m = load_model(vae)
-    text_m = load_model(text_encoder)
+    vae_m = load_model(vae, dtype=torch.float32)  # a float16 file (the shipped model's) trains in float32
+    text_m = load_model(text_encoder, dtype=torch.float32)
     tok = CLIPTokenizer.from_pretrained(tokenizer)
     unet = replace(r.unet, context_dim=text_m.config.width, in_channels=vae_m.config.z_channels,
                    out_channels=vae_m.config.z_channels)  # fmt: skip
@@ -327,7 +330,7 @@ def train_ldm(
     task = LDMTask(unet, vae_m, text_m, tok, schedule, caption_dropout=r.caption_dropout, cache=cache,
                    min_snr_gamma=r.min_snr_gamma, min_snr_floor=r.min_snr_floor, seed=r.train.seed,
                    high_noise_share=r.high_noise_share, high_noise_from=r.high_noise_from,
-                   layout_steps=r.layout_steps,
+                   layout_steps=r.layout_steps, low_noise_until=r.low_noise_until,
                    preview_prompts=r.preview_prompts, train_text_encoder=r.train_text_encoder)  # fmt: skip
     return train(task, ds, r.train, out, resume=resume, until=until, progress=progress)
 
@@ -411,6 +414,13 @@ def train_pipeline(data: str, out: str | Path, name: str = "shapes", *, resume: 
     recipes = {task: recipe(task, name) for task in ("vae", "clip", "ldm", "preview")}
     if name in RECIPES["expert"]:
         recipes["expert"] = recipe("expert", name)
+    low = recipes["ldm"].low_noise_until
+    if low is not None and recipes.get("expert") is None:
+        raise ValueError(f"the {name!r} ldm recipe trains t < {low} only and needs a high-noise expert for the rest, "
+                         f"but RECIPES['expert'] has no {name!r}")  # fmt: skip
+    if low is not None and low != recipes["expert"].boundary:
+        raise ValueError(f"the {name!r} ldm recipe trains t < {low} but its expert takes over at t >= "
+                         f"{recipes['expert'].boundary}; the two must meet (set both to one boundary)")  # fmt: skip
     for task, n in steps.items():
         recipes[task] = replace(recipes[task], train=replace(recipes[task].train, steps=n))
     if out.exists() and any(out.iterdir()) and not resume:
