@@ -85,6 +85,11 @@ def test_a_low_noise_ldm_recipe_must_meet_its_expert(tmp_path, monkeypatch):
     monkeypatch.delitem(R.RECIPES["expert"], "tiny")
     with pytest.raises(ValueError, match="needs a high-noise expert for the rest"):
         R.train_pipeline("shapes", tmp_path / "run", "tiny")
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "something").write_text("")
+    with pytest.raises(FileExistsError):  # the shipped recipe's ranges meet: past both checks, the folder stops it
+        R.train_pipeline("shapes", used, "shapes")
 
 
 @pytest.mark.slow  # 97 s on 2 cores; test_train_vae_clip.py::test_clip_task_learns_colours stays in the default run

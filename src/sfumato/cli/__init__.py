@@ -80,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("task", choices=["vae", "clip", "ldm", "expert", "preview", "ddpm", "pipeline"])
     tr.add_argument("--data", default="shapes", help="an image-caption folder, or shapes[:SEED] (built in)")
     tr.add_argument("--out", required=True, help="run folder (checkpoints, samples, metrics, final model)")
-    tr.add_argument("--preset", default="shapes", help="recipe name: shapes (the shipped model's) or tiny")
+    tr.add_argument("--preset", default="shapes",
+                    help="recipe name: shapes (the shipped model's), tiny, or for `ldm` shapes-full (one U-Net for "
+                    "every noise level: shapes' ldm stage learns t < 550 only, for its expert)")
     tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     tr.add_argument("--steps", type=int, help="optimizer steps (default: the recipe's)")
     tr.add_argument("--until", type=int, help="stop after this step with a checkpoint (resume later)")

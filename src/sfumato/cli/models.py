@@ -248,6 +248,8 @@ def _train(args: argparse.Namespace) -> int:
             raise ValueError("sfumato train preview needs --vae: the VAE to imitate (vae.safetensors, a bundle, a "
                              "diffusers folder or an SD single file)")  # fmt: skip
         kw |= dict(vae=args.vae)
+    if args.task == "ldm" and r.low_noise_until is not None:
+        _low_noise_note(args, r, out, learnt=False)
     fn = {"vae": R.train_vae, "clip": R.train_clip, "ldm": R.train_ldm, "expert": R.train_expert,
           "preview": R.train_preview, "ddpm": R.train_ddpm}[args.task]  # fmt: skip
     result = fn(args.data, out, r, **kw)
@@ -257,6 +259,13 @@ def _train(args: argparse.Namespace) -> int:
     for path in result.exported:
         print(path)
     if args.task == "ldm" and r.low_noise_until is not None:
-        print(f"note: this U-Net learnt t < {r.low_noise_until} only and cannot sample from noise alone; give it its "
-              f"high-noise expert: sfumato train expert --preset {args.preset} --base {out / 'final'} --out ...")  # fmt: skip
+        _low_noise_note(args, r, out, learnt=True)
     return 0
+
+
+def _low_noise_note(args: argparse.Namespace, r, out: Path, *, learnt: bool) -> None:
+    """Said before and after training: a U-Net of a low-noise-only recipe cannot sample from noise alone."""
+    what = "learnt" if learnt else "learns"
+    print(f"note: the {args.preset!r} ldm recipe's U-Net {what} t < {r.low_noise_until} only and cannot sample from "
+          f"noise alone; give it its high-noise expert (sfumato train expert --preset {args.preset} --base "
+          f"{out / 'final'} --out ...), or train one U-Net for every level with --preset shapes-full", flush=True)
