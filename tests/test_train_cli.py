@@ -76,6 +76,22 @@ def test_train_ldm_reads_float16_parts(tmp_path):
     assert next(sfumato.load(tmp_path / "ldm/final").unet.parameters()).dtype == torch.float32
 
 
+def test_train_ldm_says_before_training_that_a_low_noise_unet_needs_its_expert(tmp_path, monkeypatch, capsys):
+    """The shapes preset's U-Net learns t < 550 only; a user training it alone hears so before the hour it takes."""
+    monkeypatch.setitem(R.RECIPES["ldm"], "tiny", replace(R.RECIPES["ldm"]["tiny"], low_noise_until=500))
+
+    def stop(*args, **kwargs):
+        raise ValueError("stopped where training would begin")
+
+    monkeypatch.setattr(R, "train_ldm", stop)
+    argv = ["train", "ldm", "--preset", "tiny", "--out", str(tmp_path / "ldm"), "--vae", "v.safetensors",
+            "--text-from", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert "learns t < 500 only and cannot sample from noise alone" in out and "--preset shapes-full" in out
+    assert "stopped where training would begin" in err
+
+
 def test_a_low_noise_ldm_recipe_must_meet_its_expert(tmp_path, monkeypatch):
     ldm = R.RECIPES["ldm"]["tiny"]
     monkeypatch.setitem(R.RECIPES["ldm"], "tiny", replace(ldm, low_noise_until=123))
