@@ -30,6 +30,7 @@ from sfumato.eval.shapes import (
     CRITERIA,
     PROMPT_SET_VERSION,
     check,
+    count_errors,
     detect,
     prompt_from_attributes,
     prompt_set,
@@ -139,6 +140,22 @@ def test_checker_passes_a_true_render_of_every_benchmark_prompt():
     held = [(im, p) for im, p in pairs if p["heldout"]]
     assert len(held) >= 60
     assert all(check(im, p)["pass"] for im, p in held)
+
+
+def test_count_errors_tell_too_few_from_too_many():
+    """Renders of "two ..." with one, two and three such objects (one seen prompt, one held out): the summary
+    reads them as one too few, right and one too many, per split; other categories are not counted."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for heldout in (False, True):
+        p = next(q for q in prompt_set() if q["category"] == "count" and q["count"] == 2 and q["heldout"] == heldout)
+        images = [render(_layout(dict(p, objects=p["objects"][:1] * n), rng), S) for n in (1, 2, 3, 2)]
+        rows.append((p, images, [check(im, p) for im in images]))
+    single = next(q for q in prompt_set() if q["category"] == "single")
+    rows.append((single, [], []))
+    e = count_errors(rows)
+    for split in ("seen", "heldout"):
+        assert e[split] == {"n_images": 4, "right": 2, "too_few": 1, "too_many": 1, "off_by": {"-1": 1, "0": 2, "1": 1}}
 
 
 # ---------------------------------------------------------------------------------------------------------

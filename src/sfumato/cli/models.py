@@ -185,6 +185,9 @@ def _eval_shapes(args: argparse.Namespace) -> int:
         value = "-" if goal["value"] is None else f"{100 * goal['value']:.1f}%"
         verdict = {True: "met", False: "NOT met", None: "n/a"}[goal["met"]]
         print(f"  goal {name:<17} {value:>7} (target {100 * goal['target']:.0f}%, {goal['over']}): {verdict}")
+    for split, e in report.get("count_errors", {}).items():
+        print(f"  count prompts, {split}: {e['right']} of {e['n_images']} images right, {e['too_many']} with too many "
+              f"objects, {e['too_few']} with too few")  # fmt: skip
     m = report["metrics"]
     if "vae_psnr" in m:
         recon = m["checker_on_vae_reconstructions"]

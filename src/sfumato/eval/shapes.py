@@ -568,6 +568,26 @@ def aggregate(results: Sequence[Mapping]) -> dict:
     return report
 
 
+def count_errors(rows: Sequence[tuple[Mapping, Sequence[Image.Image], Sequence[Mapping]]]) -> dict:
+    """How the count prompts' images miss: {"seen" / "heldout": {"n_images", "right", "too_few", "too_many",
+    "off_by": {drawn - asked: images}}} over rows of (prompt, images, check results). A model that merges two
+    objects into one region errs low, one that adds an object errs high; the count rate alone cannot tell."""
+    out: dict = {}
+    for p, _, results in rows:
+        if p["category"] != "count":
+            continue
+        split = out.setdefault("heldout" if p["heldout"] else "seen",
+                               {"n_images": 0, "right": 0, "too_few": 0, "too_many": 0, "off_by": {}})  # fmt: skip
+        for r in results:
+            d = len(r["objects"]) - p["count"]
+            split["n_images"] += 1
+            split["right" if d == 0 else "too_few" if d < 0 else "too_many"] += 1
+            split["off_by"][str(d)] = split["off_by"].get(str(d), 0) + 1
+    for split in out.values():
+        split["off_by"] = dict(sorted(split["off_by"].items(), key=lambda kv: int(kv[0])))
+    return out
+
+
 def goals(rates: Mapping) -> dict:
     """The issue's targets against the measured rates: colour and shape over all prompts of a split,
     relation over its relation prompts, count over its count prompts."""
@@ -894,6 +914,7 @@ def evaluate_shapes(
         },  # fmt: skip
         "rates": rates,
         "goals": goals(rates),
+        "count_errors": count_errors(rows),
         "metrics": extra,
         "timing": timing,
         "prompts": per_prompt,
