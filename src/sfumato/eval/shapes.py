@@ -33,6 +33,7 @@ import json
 import math
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -572,20 +573,17 @@ def count_errors(rows: Sequence[tuple[Mapping, Sequence[Image.Image], Sequence[M
     """How the count prompts' images miss: {"seen" / "heldout": {"n_images", "right", "too_few", "too_many",
     "off_by": {drawn - asked: images}}} over rows of (prompt, images, check results). A model that merges two
     objects into one region errs low, one that adds an object errs high; the count rate alone cannot tell."""
-    out: dict = {}
+    off_by: dict[str, Counter] = {}
     for p, _, results in rows:
-        if p["category"] != "count":
-            continue
-        split = out.setdefault("heldout" if p["heldout"] else "seen",
-                               {"n_images": 0, "right": 0, "too_few": 0, "too_many": 0, "off_by": {}})  # fmt: skip
-        for r in results:
-            d = len(r["objects"]) - p["count"]
-            split["n_images"] += 1
-            split["right" if d == 0 else "too_few" if d < 0 else "too_many"] += 1
-            split["off_by"][str(d)] = split["off_by"].get(str(d), 0) + 1
-    for split in out.values():
-        split["off_by"] = dict(sorted(split["off_by"].items(), key=lambda kv: int(kv[0])))
-    return out
+        if p["category"] == "count":
+            off_by.setdefault("heldout" if p["heldout"] else "seen", Counter()).update(
+                len(r["objects"]) - p["count"] for r in results
+            )
+    return {
+        split: {"n_images": c.total(), "right": c[0], "too_few": sum(n for d, n in c.items() if d < 0),
+                "too_many": sum(n for d, n in c.items() if d > 0), "off_by": {str(d): c[d] for d in sorted(c)}}
+        for split, c in off_by.items()
+    }  # fmt: skip
 
 
 def goals(rates: Mapping) -> dict:
