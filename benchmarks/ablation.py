@@ -2,7 +2,7 @@
 
 Variants, run alternately after warm-up on the same weights and inputs (those of unet_step.py / vae_clip.py):
 "all on" (the default), each of `FAST_CONV` (weight-bound and 1x1 convolutions as matrix products),
-`FAST_UPSAMPLE` (upsampling + conv as one 2x2 convolution) and `INPLACE` (in-place SiLU and residual sums)
+`FAST_WINOGRAD` (3x3 convolutions of deep, small maps by Winograd F(2x2, 3x3)), `FAST_UPSAMPLE` (upsampling + conv as one 2x2 convolution) and `INPLACE` (in-place SiLU and residual sums)
 turned off alone, and "all off" (the plain layers: what the models computed before these paths existed,
 up to the GroupNorm fast path and the unrolled Sequentials, which have no switch).
 Each row gives the median time, the ratio to "all on", and the max output difference to "all off".
@@ -24,7 +24,7 @@ import vae_clip  # noqa: E402
 
 from sfumato.models import layers  # noqa: E402
 
-SWITCHES = ("FAST_CONV", "FAST_UPSAMPLE", "INPLACE")
+SWITCHES = ("FAST_CONV", "FAST_WINOGRAD", "FAST_UPSAMPLE", "INPLACE")
 CASES = ("sd15-256", "sd15-512", "shipped-32px", "decode-512")
 
 

@@ -87,6 +87,24 @@ def test_upsample_conv_is_nearest_upsampling_then_conv(shape):
     assert odd.shape[-2:] == (2 * shape[2] - 1, 2 * shape[3])
 
 
+def test_upsample_keeps_upsampling_then_conv_on_small_deep_maps(monkeypatch):
+    """Where each phase's convolution would read the weight for few output positions, Upsample upsamples and
+    convolves instead (at inference); elsewhere, and under autograd, it takes the four phases."""
+    calls = []
+    real = layers.upsample_conv
+    monkeypatch.setattr(layers, "upsample_conv", lambda x, *a: calls.append(tuple(x.shape)) or real(x, *a))
+    torch.manual_seed(0)
+    up = Upsample(64)
+    for shape in [(1, 64, 2, 2), (1, 64, 8, 8)]:  # 64 >= 4 * 3 * 3: plain; 64 < 4 * 9 * 9: phases
+        x = torch.randn(shape)
+        expected = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), up.conv.weight, up.conv.bias, 1, 1)
+        with torch.no_grad():
+            torch.testing.assert_close(up(x), expected, rtol=1e-5, atol=1e-5)
+    assert calls == [(1, 64, 8, 8)]
+    up(torch.randn(2, 64, 2, 2))  # with autograd: the phases
+    assert calls == [(1, 64, 8, 8), (2, 64, 2, 2)]
+
+
 def test_gemm_threshold_is_a_switch():
     """Setting the ratio out of reach sends every 3x3 convolution to oneDNN, bit for bit the plain conv."""
     torch.manual_seed(0)
@@ -98,6 +116,48 @@ def test_gemm_threshold_is_a_switch():
             assert torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias, 1, 1))
     finally:
         layers.GEMM_CONV_RATIO = old
+
+
+@pytest.mark.parametrize("shape, cout, bias", [((2, 16, 8, 8), 24, True), ((1, 8, 6, 10), 8, False), ((3, 5, 2, 4), 7, True)])
+def test_winograd_is_the_3x3_convolution(shape, cout, bias):
+    """F(2x2, 3x3) computes the padded 3x3 convolution: same sums, float32 rounding apart; several pieces of
+    output channels (a small WINOGRAD_CHUNK) give the same result as one."""
+    torch.manual_seed(0)
+    x, w = torch.randn(shape), torch.randn(cout, shape[1], 3, 3)
+    b = torch.randn(cout) if bias else None
+    expected = F.conv2d(x, w, b, padding=1)
+    got = layers.winograd_conv3x3(x, w, b)
+    assert got.shape == expected.shape and got.is_contiguous()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    old = layers.WINOGRAD_CHUNK
+    try:
+        layers.WINOGRAD_CHUNK = 1  # 16 output channels per piece
+        torch.testing.assert_close(layers.winograd_conv3x3(x, w, b), got, rtol=0, atol=0)
+    finally:
+        layers.WINOGRAD_CHUNK = old
+
+
+def test_conv2d_takes_winograd_where_it_pays_and_not_otherwise(monkeypatch):
+    calls = []
+    real = layers.winograd_conv3x3
+    monkeypatch.setattr(layers, "winograd_conv3x3", lambda *a: calls.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 16)
+    monkeypatch.setattr(layers, "WINOGRAD_MIN_TILES", 8)
+    torch.manual_seed(0)
+    conv = Conv2d(16, 16, 3, padding=1)
+    with torch.no_grad():
+        for shape in [(2, 16, 8, 8), (2, 16, 7, 8), (1, 16, 4, 4)]:  # pays; odd height; 4 tiles only
+            x = torch.randn(shape)
+            torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, 1, 1), rtol=1e-5, atol=1e-5)
+        assert calls == [(2, 16, 8, 8)]
+        monkeypatch.setattr(layers, "FAST_WINOGRAD", False)  # the switch: oneDNN, bit for bit
+        x = torch.randn(2, 16, 8, 8)
+        assert torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias, 1, 1))
+    assert calls == [(2, 16, 8, 8)]
+    strided = Conv2d(16, 16, 3, stride=2, padding=1)
+    with torch.no_grad():
+        strided(torch.randn(2, 16, 8, 8))
+    assert calls == [(2, 16, 8, 8)]
 
 
 def _vae():

@@ -37,6 +37,7 @@ class GroupNorm32(nn.GroupNorm):
 
 # Switches for the inference fast paths below, all on; benchmarks/ablation.py turns each off to measure it.
 FAST_CONV = True  # weight-bound and 1x1 convolutions as matrix products (`conv2d`)
+FAST_WINOGRAD = True  # 3x3 convolutions of deep, small maps by Winograd F(2x2, 3x3) (`winograd_conv3x3`)
 FAST_UPSAMPLE = True  # nearest 2x upsampling + 3x3 conv as one 2x2 convolution of four phases
 INPLACE = True  # SiLU and residual sums overwrite fresh intermediates when no autograd graph is recorded
 
@@ -74,12 +75,87 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, str
     Ho, Wo = (H + 2 * padding - kh) // stride + 1, (W + 2 * padding - kw) // stride + 1
     n = B * Ho * Wo
     if Co < GEMM_CONV_RATIO * n:
+        if FAST_WINOGRAD and _winograd_pays(x, weight, stride, padding):
+            return winograd_conv3x3(x, weight, bias)
         return F.conv2d(x, weight, bias, stride, padding)
     cols = F.unfold(x, (kh, kw), padding=padding, stride=stride)  # (B, C*kh*kw, Ho*Wo)
     cols = cols.transpose(0, 1).reshape(C * kh * kw, n)  # (B, K, L) -> (K, B*L)
     w = weight.view(Co, C * kh * kw)
     out = torch.mm(w, cols) if bias is None else torch.addmm(bias[:, None], w, cols)  # (Co, B*L)
     return out.view(Co, B, Ho, Wo).transpose(0, 1).contiguous()  # (Co, B, Ho, Wo) -> (B, Co, Ho, Wo)
+
+
+# Winograd F(2x2, 3x3) (Lavin & Gray 2016, "Fast Algorithms for Convolutional Neural Networks"): each 2x2
+# block of outputs is A^T [(G g G^T) * (B^T d B)] A for its 4x4 input tile d and the 3x3 kernel g, i.e. 16
+# products per channel pair instead of 36. The 16 products of all tiles are 16 matrix products (C_out x C_in
+# by C_in x tiles); the transforms are sums and differences. B^T has rows (1, 0, -1, 0), (0, 1, 1, 0),
+# (0, -1, 1, 0), (0, 1, 0, -1), written out as subtractions and additions in `winograd_conv3x3`.
+_WINO_G = torch.tensor([[1.0, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+_WINO_AT = torch.tensor([[1.0, 1, 1, 0], [0, 1, -1, -1]])
+_WINO_KG = torch.kron(_WINO_G, _WINO_G)  # (16, 9): the kernel transform on a flattened 3x3 kernel
+_WINO_KA = torch.kron(_WINO_AT, _WINO_AT)  # (4, 16): the output transform on a flattened 4x4 tile
+# Buffers stay within 32 MB (8 Mi floats): glibc serves larger ones as fresh pages, whose first touch (page
+# faults) costs as much as the arithmetic saved. The transformed input must fit; the transformed kernel and
+# the products are made in pieces of output channels of at most WINOGRAD_CHUNK floats each.
+WINOGRAD_MAX_INPUT, WINOGRAD_CHUNK = 8 * 2**20, 6 * 2**20
+# Where it pays (2-core CPU, float32, measured against oneDNN's direct convolution): maps of >= 128 tiles
+# (B*H*W >= 512) with >= 256 channels in and out, whose transformed input fits. Larger maps with few channels
+# are memory-bound in the transforms (the SD VAE at 256 px and above; the U-Net's 64x64 level), smaller ones
+# or fewer channels are bound by the per-call overhead (the shipped model).
+WINOGRAD_MIN_TILES, WINOGRAD_MIN_CHANNELS = 128, 256
+
+
+def _winograd_pays(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> bool:
+    B, C, H, W = x.shape
+    tiles = B * (H // 2) * (W // 2)
+    return (
+        weight.shape[2:] == (3, 3) and stride == 1 and padding == 1 and H % 2 == 0 and W % 2 == 0
+        and x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu"
+        and min(C, weight.shape[0]) >= WINOGRAD_MIN_CHANNELS and tiles >= WINOGRAD_MIN_TILES
+        and 16 * C * tiles <= WINOGRAD_MAX_INPUT
+    )  # fmt: skip
+
+
+def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.conv2d(x, weight, bias, padding=1)` for a 3x3 kernel and even H, W by Winograd F(2x2, 3x3), without
+    autograd: 2.25x fewer multiplications, spent in 16 large matrix products instead of oneDNN's direct
+    kernel. The transforms' coefficients are 0, +-1 and +-1/2, so it differs from the direct sum by float32
+    rounding only (about 1e-6 relative). x: (B, C, H, W) contiguous -> (B, Co, H, W)."""
+    B, C, H, W = x.shape
+    Co = weight.shape[0]
+    th, tw = H // 2, W // 2
+    n = B * th * tw
+    # input transform B^T d B of every 4x4 tile (stride 2) of the zero-padded map: rows, then columns
+    xp = F.pad(x, (1, 1, 1, 1))
+    r = [xp[:, :, k : k + 2 * th : 2] for k in range(4)]  # the 4 rows of every tile row: (B, C, th, W + 2)
+    rows = x.new_empty(4, B, C, th, W + 2)
+    torch.sub(r[0], r[2], out=rows[0])
+    torch.add(r[1], r[2], out=rows[1])
+    torch.sub(r[2], r[1], out=rows[2])
+    torch.sub(r[1], r[3], out=rows[3])
+    v = x.new_empty(4, 4, C, B, th, tw)  # (tile row i, tile column j, C, tiles)
+    for i in range(4):
+        c = [rows[i][..., k : k + 2 * tw : 2] for k in range(4)]  # (B, C, th, tw)
+        o = v[i].permute(0, 2, 1, 3, 4)  # (4, B, C, th, tw) views of v[i]
+        torch.sub(c[0], c[2], out=o[0])
+        torch.add(c[1], c[2], out=o[1])
+        torch.sub(c[2], c[1], out=o[2])
+        torch.sub(c[1], c[3], out=o[3])
+    v = v.view(16, C, n)
+    kg, ka = _WINO_KG.to(x), _WINO_KA.to(x)
+    out = x.new_empty(B, Co, th, 2, tw, 2)
+    step = max(16, WINOGRAD_CHUNK // (16 * max(C, n)) // 16 * 16)  # output channels per piece
+    for o0 in range(0, Co, step):
+        o1 = min(Co, o0 + step)
+        u = torch.mm(kg, weight[o0:o1].reshape(-1, 9).t()).view(16, o1 - o0, C)  # G g G^T
+        m = torch.bmm(u, v)  # (16, co, tiles): the 16 elementwise products of all tiles, summed over C
+        y = torch.mm(ka, m.view(16, -1)).view(2, 2, o1 - o0, B, th, tw)  # A^T m A
+        y = y.permute(3, 2, 4, 0, 5, 1)  # (B, co, th, 2, tw, 2): the 2x2 blocks into place
+        if bias is None:
+            out[:, o0:o1].copy_(y)
+        else:
+            torch.add(y, bias[o0:o1].view(1, -1, 1, 1, 1, 1), out=out[:, o0:o1])
+    return out.view(B, Co, H, W)
 
 
 class Conv2d(nn.Conv2d):
@@ -103,25 +179,47 @@ class Conv2d(nn.Conv2d):
         return conv2d(x, self.weight, self.bias, self.stride[0], self.padding[0])
 
 
+def _phase_taps() -> torch.Tensor:
+    """(9, 16): column 4p + 2i + j of output phase p = 2a + b sums the 3x3 taps (r, s) (row 3r + s) that land on
+    its 2x2 tap (i, j). Row phase 0 reads x rows (i-1, i) with kernel rows (0 | 1 + 2), phase 1 reads (i, i+1)
+    with (0 + 1 | 2); columns alike."""
+    lands = ({0: 0, 1: 1, 2: 1}, {0: 0, 1: 0, 2: 1})  # phase -> kernel row -> tap row
+    taps = torch.zeros(9, 16)
+    for a in (0, 1):
+        for b in (0, 1):
+            for r in range(3):
+                for s in range(3):
+                    taps[3 * r + s, 4 * (2 * a + b) + 2 * lands[a][r] + lands[b][s]] = 1.0
+    return taps
+
+
+_PHASE_TAPS = _phase_taps()
+
+
 def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Nearest 2x upsampling followed by a 3x3 convolution (padding 1), computed on x without upsampling it.
 
     Each output phase (row parity a, column parity b) of the upsampled-then-convolved map is a 2x2 convolution
     of x whose taps are sums of the 3x3 taps: even rows 2i read x rows (i-1, i) with row taps (w0, w1 + w2),
-    odd rows 2i+1 read (i, i+1) with (w0 + w1, w2); columns alike. One convolution with the four phase
-    kernels stacked (4*Co outputs, 2x2, padding 1) gives all phases: 16 instead of 36 multiply-adds per input
-    pixel and channel pair, and no 4x larger input. The same sums, grouped differently (float32 rounding
-    differs, about 1e-6 relative). x: (B, C, H, W) -> (B, Co, 2H, 2W), in x's memory format.
+    odd rows 2i+1 read (i, i+1) with (w0 + w1, w2); columns alike (`_phase_taps`). 16 instead of 36
+    multiply-adds per input pixel and channel pair, and no 4x larger input. The same sums, grouped differently
+    (float32 rounding differs, about 1e-6 relative). x: (B, C, H, W) -> (B, Co, 2H, 2W), in x's memory format.
+    Without autograd each phase is convolved on its own and written into place (no stacked 4x kernel or
+    output); with it, one convolution of the four kernels stacked.
     """
     B, C, H, W = x.shape
     Co = weight.shape[0]
-    r0, r1, r2 = weight.unbind(2)  # rows of the kernel, each (Co, C, 3)
-    kernels = []
-    for rows in ((r0, r1 + r2), (r0 + r1, r2)):  # row phase 0, 1
-        k = torch.stack(rows, 2)  # (Co, C, 2, 3)
-        c0, c1, c2 = k.unbind(3)
-        kernels += [torch.stack((c0, c1 + c2), 3), torch.stack((c0 + c1, c2), 3)]  # column phase 0, 1
-    k = torch.cat(kernels)  # 4 x (Co, C, 2, 2) -> (4*Co, C, 2, 2), phase (a, b) at block 2a + b
+    w9, taps = weight.reshape(Co * C, 9), _PHASE_TAPS.to(weight)
+    if not torch.is_grad_enabled() and x.is_contiguous():
+        out = x.new_empty(B, Co, H, 2, W, 2)
+        for a in (0, 1):
+            for b in (0, 1):
+                p = 2 * a + b
+                k = torch.mm(w9, taps[:, 4 * p : 4 * p + 4]).view(Co, C, 2, 2)
+                y = conv2d(x, k, bias, 1, 1)  # (B, Co, H + 1, W + 1); phase (a, b) starts at (a, b)
+                out[:, :, :, a, :, b] = y[:, :, a : a + H, b : b + W]
+        return out.view(B, Co, 2 * H, 2 * W)
+    k = torch.mm(w9, taps).view(Co, C, 4, 2, 2).transpose(1, 2).transpose(0, 1).reshape(4 * Co, C, 2, 2)
     y = conv2d(x, k, None if bias is None else bias.repeat(4), 1, 1)  # (B, 4*Co, H+1, W+1)
     # phase (a, b) is y's block 2a + b at offset (a, b); interleave: (2, 2, B, Co, H, W) -> (B, Co, 2H, 2W)
     phases = torch.stack([y[:, (2 * a + b) * Co : (2 * a + b + 1) * Co, a : a + H, b : b + W]
@@ -130,6 +228,20 @@ def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         out = out.contiguous(memory_format=torch.channels_last)  # keep a channels_last network in its format
     return out
+
+
+# At inference, upsampling stays nearest 2x + conv where each phase's convolution would have at least this
+# many output channels per output position (B (H+1) (W+1)): a small, deep map that reads the weight for few.
+UPSAMPLE_WEIGHT_BOUND = 4
+
+
+def upsample_phases_pay(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `upsample_conv` beats upsampling then `conv2d`, at inference: not on small, deep maps, where each
+    phase's convolution reads the whole weight for a few columns, and building the four kernels costs more
+    than the multiplications saved. SD U-Net, 2 cores, B = 2: 1280 channels at 4x4 94 against 35 ms, at 8x8
+    148 against 79 ms (the plain convolution by Winograd); 640 at 16x16 59 against 77 ms."""
+    B, _, H, W = x.shape
+    return weight.shape[0] < UPSAMPLE_WEIGHT_BOUND * B * (H + 1) * (W + 1)
 
 
 def group_norm(channels: int, eps: float) -> GroupNorm32:
@@ -201,7 +313,8 @@ class Upsample(nn.Module):
         side was odd before its stride-2 downsampling (diffusers' ``upsample_size``)."""
         exact2x = size is None or tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1])
         if exact2x and FAST_UPSAMPLE and x.device.type == "cpu":  # in training too: autograd sums the taps
-            return upsample_conv(x, self.conv.weight, self.conv.bias)
+            if torch.is_grad_enabled() or upsample_phases_pay(x, self.conv.weight):
+                return upsample_conv(x, self.conv.weight, self.conv.bias)
         if size is None:
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (B, C, H, W) -> (B, C, 2H, 2W)
         else:
