@@ -71,3 +71,21 @@ def test_quantize_linears_replaces_every_linear_and_stays_close():
 def test_quantize_linears_refuses_other_dtypes():
     with pytest.raises(ValueError, match="float32 CPU models, got torch.bfloat16"):
         quantize_linears_(nn.Linear(4, 4).to(torch.bfloat16))
+
+
+def test_int8_reaches_a_linear_projected_transformer():
+    """SD 2's SpatialTransformer projects with Linear layers; after quantize_linears_ it runs on the Int8Linear
+    replacements (which hold no float `weight`) and stays near float32."""
+    from sfumato.models.layers import SpatialTransformer
+
+    torch.manual_seed(0)
+    block = SpatialTransformer(32, num_heads=2, head_dim=16, context_dim=16, use_linear=True).eval()
+    torch.nn.init.normal_(block.proj_out.weight, std=0.1)  # zero-initialised: the block would be the identity
+    x, ctx = torch.randn(2, 32, 4, 4), torch.randn(2, 5, 16)
+    with torch.no_grad():
+        expected = block(x, ctx)
+        assert quantize_linears_(block) > 2
+        got = block(x, ctx)
+    assert isinstance(block.proj_in, Int8Linear) and isinstance(block.proj_out, Int8Linear)
+    rel = (got - expected).norm() / (expected - x).norm()
+    assert rel < 0.05, rel

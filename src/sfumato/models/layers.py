@@ -505,19 +505,23 @@ class SpatialTransformer(nn.Module):
     ) -> torch.Tensor:
         B, C, H, W = x.shape
         h = self.norm(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C), a view
-        # proj_in as a product on the transposed view gives contiguous tokens. Transposing the output of the
-        # 1x1 convolution instead left every token tensor of the blocks transposed, and each LayerNorm copied it
-        # (0.4 s of the SD 1.5 U-Net's 11.8 s at 512 px).
-        w_in = self.proj_in.weight if self.use_linear else self.proj_in.weight.flatten(1)  # (inner, C)
-        h = F.linear(h, w_in, self.proj_in.bias)  # (B, H*W, inner)
+        # A product on the transposed view gives contiguous tokens. Transposing the output of the 1x1
+        # convolution instead left every token tensor of the blocks transposed, and each LayerNorm copied it
+        # (0.4 s of the SD 1.5 U-Net's 11.8 s at 512 px). The Linear (SD 2) is called as a module: int8 mode
+        # replaces it.
+        if self.use_linear:
+            h = self.proj_in(h)  # (B, H*W, inner)
+        else:
+            h = F.linear(h, self.proj_in.weight.flatten(1), self.proj_in.bias)  # the 1x1 conv's (inner, C)
         if self.position_freqs:
             pos = position_fourier_features(H, W, self.position_freqs, x.device, h.dtype)  # (H*W, 4F)
             h = h + self.pos_embed(pos)  # (B, H*W, inner) + (H*W, inner)
         for block in self.transformer_blocks:
             h = block(h, context, context_mask)
-        # proj_out as W @ tokens^T, (C, inner) @ (B, inner, H*W): channels first and contiguous, no copy
-        w_out = self.proj_out.weight if self.use_linear else self.proj_out.weight.flatten(1)  # (C, inner)
-        h = torch.matmul(w_out, h.transpose(1, 2)) + self.proj_out.bias[:, None]
+        if self.use_linear:
+            h = self.proj_out(h).transpose(1, 2).reshape(B, C, H, W)  # (B, H*W, C) -> (B, C, H, W)
+        else:  # the 1x1 conv as W @ tokens^T, (C, inner) @ (B, inner, H*W): channels first, contiguous
+            h = torch.matmul(self.proj_out.weight.flatten(1), h.transpose(1, 2)) + self.proj_out.bias[:, None]
         return x + h.view(B, C, H, W)
 
 
