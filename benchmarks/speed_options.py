@@ -4,8 +4,9 @@
   on the Linear layers (what `StableDiffusion(int8=True)` does) of the U-Net (one CFG step) and of the ViT-L
   text encoder, and torch.ao's `quantize_dynamic` that it replaced; against our float32 model, alternately.
   Error: max |Δ| and relative L2 of the output.
-- **compile**: `torch.compile(unet, dynamic=False)` (default inductor mode, what `compile=True` does); the first call's
-  time is the warm-up cost; then alternately against eager. Error: max |Δ|.
+- **compile**: the U-Net compiled as `compile=True` compiles it on the CPU (`Module.compile(dynamic=False)` with
+  inductor's `freezing` and `cpp_wrapper`); the first call's time is the warm-up cost; then alternately against
+  eager, and against diffusers' U-Net with the same weights, eager and compiled the same way. Error: max |Δ|.
 - **bfloat16**: the U-Net with bfloat16 weights and inputs (`StableDiffusion(dtype=torch.bfloat16)`), against
   our float32 model and against diffusers' U-Net cast to bfloat16 the same way, alternately; each also in the
   channels_last memory format (`model.to(memory_format=torch.channels_last)`, inputs likewise), which oneDNN
@@ -103,22 +104,57 @@ def bench_int8(cases: list[str], repeat: int) -> None:
         report(case, med, out, "torch.ao-int8")
 
 
-def compile_calls(case: str) -> tuple[dict, float]:
-    model, args = unet_case(case)
-    compiled = torch.compile(model, dynamic=False)
+def compile_calls(case: str) -> tuple[dict, dict[str, float]]:
+    """Ours and diffusers' U-Net (same weights), each eager and compiled as `optimize(compile=True)` compiles on
+    the CPU (`Module.compile(dynamic=False)`, called under inductor's `CPU_COMPILE_OPTIONS`: freezing and the
+    C++ wrapper); and each first call's time."""
+    import torch._inductor.config as inductor_config
+
+    from sfumato.pipelines.stable_diffusion import CPU_COMPILE_OPTIONS
+
+    config, side, tokens = unet_step.CASES[case]
+    ref = unet_step.reference(unet_step.shipped_config() if config is None else config).eval()
+    model = unet_step.ours_from(ref)
+    x, t, ctx = unet_step.inputs(model.config.in_channels, side, tokens, model.config.context_dim)
+    ours_c, ref_c = copy.deepcopy(model), copy.deepcopy(ref)
+    ours_c.compile(dynamic=False)
+    ref_c.compile(dynamic=False)
+
+    def frozen(fn):
+        def call():
+            with inductor_config.patch(CPU_COMPILE_OPTIONS):
+                return fn()
+
+        return call
+
+    fns = {
+        "exact": lambda: model(x, t, ctx),
+        "compiled": frozen(lambda: ours_c(x, t, ctx)),
+        "diffusers": lambda: ref(x, t, ctx).sample,
+        "diffusers-compiled": frozen(lambda: ref_c(x, t, ctx).sample),
+    }
+    warm = {}
     with torch.inference_mode():
-        t0 = time.perf_counter()
-        compiled(*args)
-        warm = time.perf_counter() - t0
-    return {"exact": lambda: model(*args), "compiled": lambda: compiled(*args)}, warm
+        for name in ("compiled", "diffusers-compiled"):
+            t0 = time.perf_counter()
+            fns[name]()
+            warm[name] = time.perf_counter() - t0
+    return fns, warm
 
 
 def bench_compile(cases: list[str], repeat: int) -> None:
-    print("torch.compile (inductor, default mode, static shapes):")
+    print("torch.compile as optimize(compile=True) does it (inductor, static shapes, freezing, C++ wrapper), "
+          "ours and diffusers' U-Net:")  # fmt: skip
     for case in cases:
         fns, warm = compile_calls(case)
-        med, out = timed(fns, repeat)
-        report(case, med, out, "compiled", f"  first call (compilation) {warm:.1f} s")
+        reps = repeat if case.startswith("sd15") else max(repeat, 30)  # 20-50 ms calls: more of them
+        med, out = timed(fns, reps)
+        report(case, med, out, "compiled", f"  first call (compilation) {warm['compiled']:.1f} s")
+        print(f"  {'':<34} compiled / diffusers eager {med['compiled'] / med['diffusers']:.2f}"
+              f"  (diffusers {med['diffusers']:.3f} s); compiled / diffusers compiled "
+              f"{med['compiled'] / med['diffusers-compiled']:.2f} (diffusers compiled {med['diffusers-compiled']:.3f} s,"
+              f" first call {warm['diffusers-compiled']:.1f} s); max |Δ| ours compiled - diffusers compiled "
+              f"{_bench.max_diff(out['compiled'], out['diffusers-compiled']):.1e}", flush=True)  # fmt: skip
 
 
 def bf16_calls(case: str) -> dict:

@@ -247,7 +247,8 @@ class UNet(nn.Module):
                     f"context_mask must be a bool tensor of shape {tuple(context.shape[:2])} (batch, tokens), got "
                     f"{context_mask.dtype} {tuple(context_mask.shape)}"
                 )
-            if not bool(context_mask.any(1).all()):
+            # a data-dependent check (a host sync): eager only, so that a compiled U-Net stays one graph
+            if not torch.compiler.is_compiling() and not bool(context_mask.any(1).all()):
                 raise ValueError("every row of context_mask needs a True token (at least the start token)")
         if c.context_layers:
             for layer in self.context_encoder:

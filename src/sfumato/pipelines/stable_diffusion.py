@@ -23,6 +23,7 @@ Conventions, chosen so that a seed means the same image here and in diffusers:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import secrets
 import sys
@@ -259,6 +260,14 @@ class _InpaintUNet(torch.nn.Module):
 # The pipeline
 
 
+
+# Inductor settings of a U-Net compiled by `StableDiffusion.optimize(compile=True)` on the CPU. Freezing folds
+# the inference-only weights into the graph, so inductor pre-packs them for oneDNN once instead of on every call;
+# the C++ wrapper runs the graph without a Python call per kernel. Both pay most on small models
+# (benchmarks/speed_options.py).
+CPU_COMPILE_OPTIONS = {"freezing": True, "cpp_wrapper": True}
+
+
 class StableDiffusion:
     """Text-to-image and friends over a `Bundle` (U-Net, VAE, CLIP text encoder, tokenizer, schedule).
 
@@ -290,6 +299,7 @@ class StableDiffusion:
         self.source = Path(source) if source is not None else None
         self._hash: str | None = None
         self.vae_tile: int | None = None
+        self._compiled = False
         self.optimize(vae_tiling=vae_tiling, int8=int8, compile=compile)
 
     def optimize(self, *, vae_tiling: bool | int = False, int8: bool = False, compile: bool = False) -> StableDiffusion:
@@ -303,8 +313,12 @@ class StableDiffusion:
             weights per output channel, inputs quantised per row at each call, one `torch._int_mm` each). Faster
             on CPUs with int8 dot products (VNNI, AMX), approximate (see the benchmark for the error). Replaces
             the layers in place, in the bundle's modules too; float32 on the CPU only.
-        compile: `torch.compile(unet, dynamic=False)`. The first generation at each new size pays the compilation
-            (tens of seconds to minutes); the results match eager float32 to rounding.
+        compile: `unet.compile(dynamic=False)` (each expert's, for a pair), with inductor's `freezing` and
+            `cpp_wrapper` on the CPU; in place, in the bundle's modules too. The first generation at each new size
+            pays the compilation (a minute or more on 2 cores; less once inductor's cache holds it); the results
+            match eager float32 to rounding. Frozen weights are constants of the compiled graph: loading other
+            weights into the U-Net afterwards needs a new pipeline, and the pre-packed copies hold a second set
+            of the U-Net's weights in memory.
         """
         if vae_tiling:
             self.vae_tile = 64 if vae_tiling is True else int(vae_tiling)
@@ -318,10 +332,28 @@ class StableDiffusion:
             for module in (self.unet, self.text_encoder):
                 quantize_linears_(module)
         if compile:
-            # static shapes: a second image size compiles again rather than switching the graph to symbolic
-            # shapes, which inductor failed to lower for the SD U-Net (torch 2.13, a 1x1 conv at 32² latents)
-            self.unet = torch.compile(self.unet, dynamic=False)
+            # Static shapes: a second image size compiles again rather than switching the graph to symbolic
+            # shapes, which inductor failed to lower for the SD U-Net (torch 2.13, a 1x1 conv at 32² latents).
+            # `Module.compile` works in place, so parameter names stay the checkpoint's; a pair of experts is
+            # compiled member by member, which leaves their choice per timestep (a host sync) to eager Python.
+            from sfumato.models.experts import NoiseLevelExperts
+
+            nets = [self.unet.high, self.unet.low] if isinstance(self.unet, NoiseLevelExperts) else [self.unet]
+            for net in nets:
+                net.compile(dynamic=False)
+            self._compiled = True
         return self
+
+    def _compiler_settings(self) -> contextlib.AbstractContextManager:
+        """Where the U-Net is called: with `compile=True` on the CPU, inductor's `CPU_COMPILE_OPTIONS`. Dynamo
+        reads `freezing` when it traces (whether parameters become constants), so the settings must hold
+        around the call that compiles, not only be passed to `torch.compile(options=...)`; a context keeps
+        them out of the rest of the process."""
+        if not (self._compiled and self.device.type == "cpu"):
+            return contextlib.nullcontext()
+        import torch._inductor.config as inductor_config
+
+        return inductor_config.patch(CPU_COMPILE_OPTIONS)
 
     @classmethod
     def from_pretrained(
@@ -529,7 +561,8 @@ class StableDiffusion:
             kwargs["eta"] = eta
         bar = _Progress(len(sigmas) - 1, callback, progress, desc)
         try:
-            x = SAMPLERS[sampler](guided, x, sigmas, generator=generators, callback=bar, **kwargs)
+            with self._compiler_settings():
+                x = SAMPLERS[sampler](guided, x, sigmas, generator=generators, callback=bar, **kwargs)
         finally:
             bar.close()
         return x / math.sqrt(1 + float(sigmas[-1]) ** 2)  # VE -> VP at the last level (DDIM ends at σ_min)
@@ -815,7 +848,8 @@ class StableDiffusion:
         x = z0 * math.sqrt(1 + float(sigmas[-1]) ** 2)  # the clean latent as DDIM's last (VE) sample
         bar = _Progress(len(sigmas) - 1, callback, progress, "inverting")
         try:
-            x = invert_ddim(guided, x, sigmas, callback=bar)
+            with self._compiler_settings():
+                x = invert_ddim(guided, x, sigmas, callback=bar)
         finally:
             bar.close()
         return (x / math.sqrt(1 + float(sigmas[0]) ** 2)).float().cpu().contiguous()  # VE -> unit noise
