@@ -4,9 +4,13 @@
   convolutions) against `F.conv2d` / `F.interpolate`, to float32 rounding;
 - `AutoencoderKL.decode_tiled`: exact where one tile covers the latents, exact blending for a decoder that
   is local, bounded error otherwise;
-- `StableDiffusion(..., vae_tiling=, int8=)`: same images where tiling has nothing to do, int8 close to float32.
+- `StableDiffusion(..., vae_tiling=, int8=, compile=)`: same images where tiling has nothing to do, int8 close to
+  float32, the compiled U-Net equal to eager to rounding (slow: it compiles).
 Timings live in benchmarks/, not here.
 """
+
+import os
+import shutil
 
 import pytest
 import torch
@@ -234,6 +238,10 @@ def test_upsample_conv_gradients_match():
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")),
+    reason="torch.compile's CPU backend needs a C++ compiler",
+)
 def test_pipeline_compile_matches_eager_and_keeps_names():
     """`optimize(compile=True)`: the compiled U-Net (frozen weights, C++ wrapper) gives the eager output to float32
     rounding, it is compiled in place (parameter names still the checkpoint's), sampling works through it, and
