@@ -260,7 +260,6 @@ class _InpaintUNet(torch.nn.Module):
 # The pipeline
 
 
-
 # Inductor settings of a U-Net compiled by `StableDiffusion.optimize(compile=True)` on the CPU. Freezing folds
 # the inference-only weights into the graph, so inductor pre-packs them for oneDNN once instead of on every call;
 # the C++ wrapper runs the graph without a Python call per kernel. Both pay most on small models
@@ -315,10 +314,9 @@ class StableDiffusion:
             the layers in place, in the bundle's modules too; float32 on the CPU only.
         compile: `unet.compile(dynamic=False)` (each expert's, for a pair), with inductor's `freezing` and
             `cpp_wrapper` on the CPU; in place, in the bundle's modules too. The first generation at each new size
-            pays the compilation (a minute or more on 2 cores; less once inductor's cache holds it); the results
-            match eager float32 to rounding. Frozen weights are constants of the compiled graph: loading other
-            weights into the U-Net afterwards needs a new pipeline, and the pre-packed copies hold a second set
-            of the U-Net's weights in memory.
+            pays the compilation (1.5-3 minutes for the shipped model on 2 cores); the results match eager float32
+            to rounding. Frozen weights are constants of the compiled graph: loading other weights into the U-Net
+            afterwards needs a new pipeline.
         """
         if vae_tiling:
             self.vae_tile = 64 if vae_tiling is True else int(vae_tiling)
