@@ -244,3 +244,19 @@ def test_context_layers_start_as_identity_and_let_early_tokens_see_later_ones():
         unet_to_diffusers(deep.state_dict(), dataclasses.replace(config, mask_padding=False))
     with pytest.raises(ValueError, match="context_layers must be >= 0"):
         dataclasses.replace(config, context_layers=-1)
+
+
+def test_compile_compiles_each_expert_in_place(monkeypatch):
+    """`optimize(compile=True)` on a pair compiles `high` and `low` themselves (not the wrapper, whose choice per
+    timestep is a host sync), in place, and the sampling loop runs under inductor's freezing settings."""
+    import torch._inductor.config as inductor_config
+
+    experts, high, low, bundle = _pair(550)
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compiled.append((self, kw)))
+    pipe = StableDiffusion(dataclasses.replace(bundle, unet=experts), compile=True)
+    assert [m for m, _ in compiled] == [high, low] and all(kw == {"dynamic": False} for _, kw in compiled)
+    assert pipe.unet is experts
+    with pipe._compiler_settings():
+        assert inductor_config.freezing and inductor_config.cpp_wrapper
+    assert not inductor_config.freezing
