@@ -644,3 +644,24 @@ def test_full_size_sd15_unet_from_diffusers_folder(tmp_path):
     )
     assert n == 859_520_964
     assert grown < 1.6 * size
+
+
+def test_loading_a_bundle_skips_random_init_and_imports_no_compiler(tiny_bundle_path):
+    """Models are built on `meta` without their random initialisers (on meta, `normal_` imports torch._dynamo,
+    1.5 s of a fresh process's load); the loaded weights are the file's, and a CPU tensor filled inside the
+    context is still filled."""
+    code = (
+        "import sys, torch\n"
+        "from sfumato.checkpoints.bundle import load_bundle\n"
+        "from sfumato.checkpoints.native import on_meta\n"
+        f"b = load_bundle({str(tiny_bundle_path)!r})\n"
+        "assert 'torch._dynamo' not in sys.modules, 'loading imported torch._dynamo'\n"
+        "with on_meta():\n"
+        "    cpu = torch.nn.init.normal_(torch.zeros(1000, device='cpu'))\n"
+        "assert cpu.std() > 0.5, 'a CPU tensor was left unfilled'\n"
+        "print(float(b.unet.input_blocks[0][0].weight.abs().sum()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ours = load_bundle(tiny_bundle_path).unet.input_blocks[0][0].weight.abs().sum()
+    assert float(out.stdout.strip()) == pytest.approx(float(ours))

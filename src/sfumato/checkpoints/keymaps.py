@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sfumato.checkpoints.native import on_meta
 from sfumato.models.unet import UNet, UNetConfig
 from sfumato.models.vae import AutoencoderKL, VAEConfig
 
@@ -155,7 +156,7 @@ def _rename(key: str, rules: list[_Rule], to_ldm: bool) -> tuple[str | None, _Ru
 
 
 def _expected_shapes(model_cls, config) -> dict[str, torch.Size]:
-    with torch.device("meta"):
+    with on_meta():
         model = model_cls(config)
     return {k: v.shape for k, v in model.state_dict().items()}
 
