@@ -412,3 +412,34 @@ def test_eval_shapes_command_writes_report_and_contact_sheet(tiny_bundle_path, t
     # a bad option fails before any model is loaded
     assert main([*argv[:-2], "--fd-images", "1"]) == 2
     assert "--fd-images" in capsys.readouterr().err
+
+
+def test_eval_categories_keep_the_full_runs_seeds(tmp_path, capsys):
+    """`categories` evaluates only those prompts, with the seeds they get in a full run, and the goals say
+    what "all" covers; unknown categories are refused by the function and by the command, before loading."""
+    from sfumato.cli import main
+    from sfumato.eval.shapes import evaluate_shapes
+
+    class Blank:
+        """A pipeline that draws empty canvases and records the seeds it was asked for."""
+
+        def __init__(self):
+            self.seeds = []
+
+        def generate(self, prompts, *, seed, **kw):
+            self.seeds += list(seed)
+            return [Image.new("RGB", (32, 32), (128, 128, 128)) for _ in seed]
+
+    full = prompt_set()
+    pipe = Blank()
+    report, _ = evaluate_shapes(pipe, vae=None, categories=["count"], seeds=2, fd_images=0, real_images=0)
+    counts = [k for k, p in enumerate(full) if p["category"] == "count"]
+    assert [p["text"] for p in report["prompts"]] == [full[k]["text"] for k in counts]
+    assert pipe.seeds == [k * 2 + j for k in counts for j in range(2)]
+    assert report["settings"]["categories"] == ["count"]
+    assert report["goals"]["seen/color"]["over"].endswith("of the categories count only")
+    assert report["goals"]["seen/relation"]["value"] is None  # no relation prompt was asked
+    with pytest.raises(ValueError, match="choose from"):
+        evaluate_shapes(pipe, vae=None, categories=["counts"], fd_images=0, real_images=0)
+    assert main(["eval", "shapes", "--out", str(tmp_path / "e"), "--categories", "count,colour"]) == 2
+    assert "--categories" in capsys.readouterr().err

@@ -254,6 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     shp.add_argument("--seed", type=int, default=0, help="base seed: image j of prompt k gets seed + k * seeds + j")
     shp.add_argument("--limit", type=int, help="evaluate only this many prompts, spread over the set (a quick look)")
     shp.add_argument(
+        "--categories", metavar="LIST",
+        help="evaluate only these prompt categories, comma-separated: single, size, position, relation, count "
+        "(seeds stay those of the full run)",
+    )  # fmt: skip
+    shp.add_argument(
         "--fd-images", type=int, default=512,
         help="real images (and as many generated from their captions) for the Frechet distance (default 512, "
         "4x the shapes CLIP's 128 feature dimensions; 0 skips)",

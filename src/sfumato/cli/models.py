@@ -143,7 +143,7 @@ def _clip_for_eval(args: argparse.Namespace, model_path: Path, pipe):
 
 
 def _eval_shapes(args: argparse.Namespace) -> int:
-    from ..eval.shapes import evaluate_shapes, format_table
+    from ..eval.shapes import evaluate_shapes, format_table, prompt_set
     from ..pipelines.stable_diffusion import StableDiffusion
 
     defaults = _api_defaults(StableDiffusion.generate)
@@ -155,6 +155,11 @@ def _eval_shapes(args: argparse.Namespace) -> int:
             raise ValueError(f"{name} must be >= {least}, got {value}")
     if args.fd_images == 1:
         raise ValueError("--fd-images must be 0 (skip the Frechet distance) or >= 2, got 1")
+    categories = None if args.categories is None else [c.strip() for c in args.categories.split(",") if c.strip()]
+    if categories is not None:
+        known = sorted({p["category"] for p in prompt_set()})
+        if not categories or any(c not in known for c in categories):
+            raise ValueError(f"--categories {args.categories!r}: choose from {', '.join(known)}, comma-separated")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {args.out} is a file; give a folder for report.json and contact_sheet.png")
@@ -163,7 +168,8 @@ def _eval_shapes(args: argparse.Namespace) -> int:
     clip, clip_path = _clip_for_eval(args, model_path, pipe)
     report, sheet = evaluate_shapes(
         pipe, clip=clip, seeds=args.seeds, steps=args.steps, guidance=guidance, sampler=sampler,
-        seed=args.seed, limit=args.limit, fd_images=args.fd_images if clip is not None else 0,
+        seed=args.seed, limit=args.limit, categories=categories,
+        fd_images=args.fd_images if clip is not None else 0,
         real_images=args.real_images, progress=sys.stderr.isatty(),
     )  # fmt: skip
     report = {

@@ -586,18 +586,21 @@ def count_errors(rows: Sequence[tuple[Mapping, Sequence[Image.Image], Sequence[M
     }  # fmt: skip
 
 
-def goals(rates: Mapping) -> dict:
+def goals(rates: Mapping, categories: Sequence[str] | None = None) -> dict:
     """The issue's targets against the measured rates: colour and shape over all prompts of a split,
-    relation over its relation prompts, count over its count prompts."""
+    relation over its relation prompts, count over its count prompts. `categories`: the evaluated prompts'
+    categories, when not all of them (then "all" means those)."""
     out = {}
     for split, targets in GOALS.items():
         for criterion, target in targets.items():
             table = rates.get(split, {})
             where = {"relation": "relation", "count": "count"}.get(criterion, "all")
             value = table.get(where, {}).get(criterion)
+            over = f"{split} {where} prompts"
+            if where == "all" and categories is not None:
+                over += f" of the categories {', '.join(categories)} only"
             out[f"{split}/{criterion}"] = {
-                "target": target, "value": value, "over": f"{split} {where} prompts",
-                "met": None if value is None else value >= target,
+                "target": target, "value": value, "over": over, "met": None if value is None else value >= target,
             }  # fmt: skip
     return out
 
@@ -783,6 +786,7 @@ def evaluate_shapes(
     sampler: str = "dpmpp_2m",
     seed: int = 0,
     limit: int | None = None,
+    categories: Sequence[str] | None = None,
     fd_images: int = 512,
     real_images: int = 256,
     chunk: int = 16,
@@ -795,7 +799,11 @@ def evaluate_shapes(
     `CLIPPipeline`) for zero-shot accuracy and the Fréchet distance, or None to skip them. vae: an
     `AutoencoderKL` for reconstruction PSNR (default ``pipe.vae`` when it has one; None skips it).
 
-    Image j of prompt k (k its index in the full prompt set, so --limit keeps seeds) gets seed
+    categories: evaluate only the prompts of these categories ("single", "size", "position", "relation",
+    "count"), before `limit`; e.g. ["count"] to iterate on counts. Colour and shape rates then cover the
+    chosen categories only, and the goals say so.
+
+    Image j of prompt k (k its index in the full prompt set, so --limit and categories keep seeds) gets seed
     ``seed + k * seeds + j``. The Fréchet distance compares `fd_images` images generated from the captions
     of as many real images with those real images (CLIP image features), next to the distance between two
     disjoint real samples of that size, the estimator's floor (it is biased upwards at small N).
@@ -803,6 +811,12 @@ def evaluate_shapes(
     t_start = time.time()
     prompts = list(prompt_set() if prompts is None else prompts)
     indexed = list(enumerate(prompts))
+    if categories is not None:
+        known = sorted({p["category"] for p in prompts})
+        unknown = [c for c in categories if c not in known]
+        if unknown or not categories:
+            raise ValueError(f"unknown prompt categories {unknown or list(categories)}; choose from {known}")
+        indexed = [(k, p) for k, p in indexed if p["category"] in categories]
     if limit is not None:
         if limit < 1:
             raise ValueError(f"limit must be >= 1 prompt, got {limit}")
@@ -904,14 +918,14 @@ def evaluate_shapes(
         "n_prompts": len(indexed),
         "n_prompts_in_set": len(prompts),
         "settings": {**settings, "seeds_per_prompt": seeds, "seed": seed, "image_size": image_size,
-                     "limit": limit},  # fmt: skip
+                     "limit": limit, "categories": None if categories is None else list(categories)},  # fmt: skip
         "checker": {
             "max_residual": MAX_RESIDUAL, "min_area": MIN_AREA, "shape_min_iou": SHAPE_MIN_IOU,
             "max_aspect": MAX_ASPECT,
             "relation_dominance": RELATION_DOMINANCE, "position_tolerance": POSITION_TOLERANCE,
         },  # fmt: skip
         "rates": rates,
-        "goals": goals(rates),
+        "goals": goals(rates, categories),
         "count_errors": count_errors(rows),
         "metrics": extra,
         "timing": timing,
