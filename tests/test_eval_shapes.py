@@ -12,6 +12,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_bundle
 from PIL import Image
 
 from sfumato.data.shapes import (
@@ -441,5 +442,9 @@ def test_eval_categories_keep_the_full_runs_seeds(tmp_path, capsys):
     assert report["goals"]["seen/relation"]["value"] is None  # no relation prompt was asked
     with pytest.raises(ValueError, match="choose from"):
         evaluate_shapes(pipe, vae=None, categories=["counts"], fd_images=0, real_images=0)
+    # no real images: no reconstruction PSNR, even with a VAE (an empty PSNR raised from numpy before)
+    report, _ = evaluate_shapes(pipe, vae=tiny_bundle().vae, categories=["size"], seeds=1, fd_images=0,
+                                real_images=0)  # fmt: skip
+    assert "vae_psnr" not in report["metrics"] and report["metrics"]["real_images"]["n"] == 0
     assert main(["eval", "shapes", "--out", str(tmp_path / "e"), "--categories", "count,colour"]) == 2
     assert "--categories" in capsys.readouterr().err

@@ -150,7 +150,8 @@ def _eval_shapes(args: argparse.Namespace) -> int:
     guidance = defaults["guidance"] if args.guidance is None else args.guidance
     sampler = defaults["sampler"] if args.sampler is None else args.sampler
     for name, value, least in (("--steps", args.steps, 1), ("--seeds", args.seeds, 1),
-                               ("--limit", args.limit, 1), ("--fd-images", args.fd_images, 0)):  # fmt: skip
+                               ("--limit", args.limit, 1), ("--fd-images", args.fd_images, 0),
+                               ("--real-images", args.real_images, 0)):  # fmt: skip
         if value is not None and value < least:
             raise ValueError(f"{name} must be >= {least}, got {value}")
     if args.fd_images == 1:

@@ -825,6 +825,8 @@ def evaluate_shapes(
         indexed = [indexed[k] for k in picks]
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1 image per prompt, got {seeds}")
+    if real_images < 0 or fd_images < 0:
+        raise ValueError(f"real_images and fd_images must be >= 0 (0 skips), got {real_images} and {fd_images}")
     if vae is None:
         vae = getattr(pipe, "vae", None)
     if guidance is None:  # the model's own (a StableDiffusion's default_guidance), else SD's 7.5
@@ -870,7 +872,7 @@ def evaluate_shapes(
     sample = real[:real_images]
     extra: dict = {"real_images": {"seed": REAL_SEED, "n": len(sample), "image_size": image_size}}
     extra["checker_on_real"] = _checker_rates([im for im, _ in sample], sample)
-    if vae is not None:
+    if vae is not None and sample:
         recon = vae_reconstructions(vae, [im for im, _ in sample])
         extra["vae_psnr"] = psnr([im for im, _ in sample], recon)
         extra["checker_on_vae_reconstructions"] = _checker_rates(recon, sample)
@@ -881,7 +883,8 @@ def evaluate_shapes(
         from sfumato.eval.metrics import frechet_distance
 
         t0 = time.time()
-        extra["clip_zero_shot"] = zero_shot(clip, sample)
+        if sample:
+            extra["clip_zero_shot"] = zero_shot(clip, sample)
         if fd_images >= 2:
             ref, floor_set = real[:fd_images], real[fd_images : 2 * fd_images]
             captions = [a["caption"] for _, a in ref]
