@@ -146,9 +146,8 @@ def config_from_metadata(metadata: dict[str, str], path: str | Path):
 
 class _SkipRandomInit(TorchFunctionMode):
     """Turns the in-place random fills of weight initialisers on meta tensors into no-ops. Meta tensors hold no
-    values, and on
-    `meta` torch runs `normal_` through its Python reference, whose first call imports torch._dynamo: 1.5 s of
-    the 2.5 s it took to load the shipped model in a fresh process."""
+    values, and on `meta` torch runs `normal_` through its Python reference, whose first call imports
+    torch._dynamo: 1.5 s of the 2.5 s it took to load the shipped model in a fresh process."""
 
     # the initialisers dispatch themselves to a mode first (inside it, their own fills no longer reach it)
     SKIPPED = {
