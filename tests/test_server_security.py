@@ -11,6 +11,7 @@ import struct
 import zlib
 
 import pytest
+import torch
 from PIL import Image
 
 pytest.importorskip("fastapi")
@@ -291,3 +292,18 @@ def test_websockets_are_refused(pipe, tmp_path):
         with c.websocket_connect("/", headers={"Authorization": f"Bearer {KEY}"}):
             pass
     assert e.value.code == 1008
+
+
+def test_serve_passes_the_speed_options_to_the_pipeline(tiny_bundle_path, tmp_path, monkeypatch):
+    """`--vae-tiling`, `--int8` and `--compile` reach `StableDiffusion.optimize` (compile recorded, not run)."""
+    from sfumato.models.quant import Int8Linear
+
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compiled.append(self))
+    base = ["--model", str(tiny_bundle_path), "--outdir", str(tmp_path)]
+    pipe = build_app(parse(base))[0].state.sfumato.pipe
+    assert pipe.vae_tile is None and not compiled
+    assert not any(isinstance(m, Int8Linear) for m in pipe.unet.modules())
+    pipe = build_app(parse([*base, "--vae-tiling", "--int8", "--compile"]))[0].state.sfumato.pipe
+    assert pipe.vae_tile == 64 and compiled == [pipe.unet]
+    assert any(isinstance(m, Int8Linear) for m in pipe.unet.modules())

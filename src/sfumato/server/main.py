@@ -28,6 +28,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps, or auto (default)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="weights' dtype (auto: float16 on CUDA, else float32)")
+    p.add_argument("--vae-tiling", action="store_true",
+                   help="decode in overlapping 512 px tiles, so decoding memory no longer grows with the image")
+    p.add_argument("--int8", action="store_true",
+                   help="int8 Linear layers in the U-Net and text encoder (CPU, float32 only; approximate)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the U-Net: faster steps after minutes of compilation on the first request "
+                        "at each image size")
     p.add_argument("--max-queue", type=int, default=8, help="jobs that may wait; more get HTTP 429 (default 8)")
     p.add_argument("--max-pixels", type=int, default=d.max_pixels, help=f"cap on width x height (default {d.max_pixels})")
     p.add_argument("--max-steps", type=int, default=d.max_steps, help=f"cap on steps (default {d.max_steps})")
@@ -76,6 +83,7 @@ def build_app(args: argparse.Namespace):
     pipe = sfumato.load(path, device=device, dtype=dtype)
     if not isinstance(pipe, StableDiffusion):
         raise SystemExit(f"{path} is not a text-to-image model (it loaded as {type(pipe).__name__})")
+    pipe.optimize(vae_tiling=args.vae_tiling, int8=args.int8, compile=args.compile)  # all off by default
     limits = Limits(max_pixels=args.max_pixels, max_steps=args.max_steps, max_images=args.max_images,
                     max_upload_bytes=int(args.max_upload_mb * 2**20))  # fmt: skip
     allowed = ("localhost", "127.0.0.1", "::1") if is_loopback(host) else None
