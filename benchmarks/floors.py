@@ -25,9 +25,7 @@ shipped-32px) and "shipped" / "mnist" training (forward, backward, AdamW at batc
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -81,18 +79,9 @@ def replayer(calls: list[tuple], only: set | None = None):
 
 
 def timed(fns: dict, repeat: int, inference: bool) -> dict[str, float]:
-    """Median seconds of each callable, alternately (after one warm-up call each)."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    ctx = torch.inference_mode if inference else torch.enable_grad
-    with ctx():
-        for fn in fns.values():
-            fn()
-        for i in range(repeat):
-            for k in fns if i % 2 == 0 else reversed(list(fns)):
-                t0 = time.perf_counter()
-                fns[k]()
-                times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    """Median seconds of each callable, alternately (`_bench.alternate`), with or without autograd."""
+    with torch.inference_mode() if inference else torch.enable_grad():
+        return _bench.alternate(fns, repeat)
 
 
 def report(title: str, med: dict[str, float], counts: dict[str, int], goal_name: str, goal: float) -> None:

@@ -143,7 +143,7 @@ def _clip_for_eval(args: argparse.Namespace, model_path: Path, pipe):
 
 
 def _eval_shapes(args: argparse.Namespace) -> int:
-    from ..eval.shapes import evaluate_shapes, format_table, prompt_set
+    from ..eval.shapes import check_categories, evaluate_shapes, format_table
     from ..pipelines.stable_diffusion import StableDiffusion
 
     defaults = _api_defaults(StableDiffusion.generate)
@@ -157,10 +157,11 @@ def _eval_shapes(args: argparse.Namespace) -> int:
     if args.fd_images == 1:
         raise ValueError("--fd-images must be 0 (skip the Frechet distance) or >= 2, got 1")
     categories = None if args.categories is None else [c.strip() for c in args.categories.split(",") if c.strip()]
-    if categories is not None:
-        known = sorted({p["category"] for p in prompt_set()})
-        if not categories or any(c not in known for c in categories):
-            raise ValueError(f"--categories {args.categories!r}: choose from {', '.join(known)}, comma-separated")
+    if categories is not None:  # before the model loads
+        try:
+            check_categories(categories)
+        except ValueError as e:
+            raise ValueError(f"--categories {args.categories!r} (comma-separated): {e}") from None
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {args.out} is a file; give a folder for report.json and contact_sheet.png")

@@ -774,6 +774,14 @@ def _generate(pipe, texts: list[str], seeds: list[int], per_prompt: int, setting
     return images
 
 
+def check_categories(categories: Sequence[str], prompts: Sequence[Mapping] | None = None) -> None:
+    """ValueError unless `categories` is a non-empty list of the prompt set's categories."""
+    known = sorted({p["category"] for p in (prompt_set() if prompts is None else prompts)})
+    unknown = [c for c in categories if c not in known]
+    if unknown or not categories:
+        raise ValueError(f"unknown prompt categories {unknown or list(categories)}; choose from {known}")
+
+
 def evaluate_shapes(
     pipe,
     *,
@@ -812,10 +820,7 @@ def evaluate_shapes(
     prompts = list(prompt_set() if prompts is None else prompts)
     indexed = list(enumerate(prompts))
     if categories is not None:
-        known = sorted({p["category"] for p in prompts})
-        unknown = [c for c in categories if c not in known]
-        if unknown or not categories:
-            raise ValueError(f"unknown prompt categories {unknown or list(categories)}; choose from {known}")
+        check_categories(categories, prompts)
         indexed = [(k, p) for k, p in indexed if p["category"] in categories]
     if limit is not None:
         if limit < 1:
