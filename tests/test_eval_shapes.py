@@ -26,17 +26,15 @@ from sfumato.data.shapes import (
     render,
     true_positions,
 )
+from sfumato.eval.checker import check, detect, score
 from sfumato.eval.metrics import frechet_distance, frechet_distance_gaussians
 from sfumato.eval.shapes import (
     CRITERIA,
     PROMPT_SET_VERSION,
-    check,
     count_errors,
-    detect,
     prompt_from_attributes,
     prompt_set,
     prompt_set_hash,
-    score,
 )
 
 S = 32  # the data set's and the shipped model's image size

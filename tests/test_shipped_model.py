@@ -129,7 +129,7 @@ def test_the_shipped_model_puts_the_named_object_first():
     """"a red circle above a blue square" and its mirror: the red object's centre is above the blue one's, then
     below it. The expert that read the base's frozen text encoder put the pair in the named order in 48 of 113
     eval images (chance); with its own encoder 127 of 128. 7 of 8 here: a coin toss per image passes 1 time in 28."""
-    from sfumato.eval.shapes import detect
+    from sfumato.eval.checker import detect
 
     pipe = sfumato.load(default_model())
     right = 0
