@@ -400,6 +400,8 @@ def test_eval_shapes_command_writes_report_and_contact_sheet(tiny_bundle_path, t
     assert report["n_prompts"] == 3 and len(report["prompts"]) == 3
     assert report["model_hash"] and report["clip"].endswith("clip.safetensors")
     assert report["settings"]["steps"] == 2 and report["settings"]["seeds_per_prompt"] == 2
+    # the sigma spacing the images were made with, resolved: Karras is dpmpp_2m's default
+    assert report["settings"]["karras"] is True and "Karras sigmas" in printed
     assert all(len(p["scores"]) == 2 and len(p["seeds"]) == 2 for p in report["prompts"])
     assert report["rates"]["all"]["all"]["n_images"] == 6
     m = report["metrics"]
@@ -423,15 +425,18 @@ def test_eval_categories_keep_the_full_runs_seeds(tmp_path, capsys):
         """A pipeline that draws empty canvases and records the seeds it was asked for."""
 
         def __init__(self):
-            self.seeds = []
+            self.seeds, self.karras = [], set()
 
         def generate(self, prompts, *, seed, **kw):
             self.seeds += list(seed)
+            self.karras.add(kw["karras"])
             return [Image.new("RGB", (32, 32), (128, 128, 128)) for _ in seed]
 
     full = prompt_set()
     pipe = Blank()
-    report, _ = evaluate_shapes(pipe, vae=None, categories=["count"], seeds=2, fd_images=0, real_images=0)
+    report, _ = evaluate_shapes(pipe, vae=None, categories=["count"], seeds=2, fd_images=0, real_images=0,
+                                karras=False)  # fmt: skip
+    assert pipe.karras == {False} and report["settings"]["karras"] is False
     counts = [k for k, p in enumerate(full) if p["category"] == "count"]
     assert [p["text"] for p in report["prompts"]] == [full[k]["text"] for k in counts]
     assert pipe.seeds == [k * 2 + j for k in counts for j in range(2)]

@@ -250,6 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen_defaults = _api_defaults(StableDiffusion.generate)
     shp.add_argument("--guidance", type=float, help="guidance scale (default: the model's own, else 7.5)")
     shp.add_argument("--sampler", choices=list(SAMPLERS), help=f"sampler (default {gen_defaults['sampler']})")
+    shp.add_argument(
+        "--karras", action=argparse.BooleanOptionalAction,
+        help="Karras et al. 2022 sigma spacing (default: on, for the samplers that have it)",
+    )  # fmt: skip
     shp.add_argument("--seeds", type=int, default=4, help="images per prompt (default 4)")
     shp.add_argument("--seed", type=int, default=0, help="base seed: image j of prompt k gets seed + k * seeds + j")
     shp.add_argument("--limit", type=int, help="evaluate only this many prompts, spread over the set (a quick look)")

@@ -144,11 +144,14 @@ def _clip_for_eval(args: argparse.Namespace, model_path: Path, pipe):
 
 def _eval_shapes(args: argparse.Namespace) -> int:
     from ..eval.shapes import check_categories, evaluate_shapes, format_table
+    from ..pipelines.metadata import SAMPLER_NAMES
     from ..pipelines.stable_diffusion import StableDiffusion
 
     defaults = _api_defaults(StableDiffusion.generate)
     guidance = defaults["guidance"] if args.guidance is None else args.guidance
     sampler = defaults["sampler"] if args.sampler is None else args.sampler
+    # recorded as used: the pipeline's default spacing is Karras for the samplers that have it
+    karras = args.karras if args.karras is not None else (sampler, True) in SAMPLER_NAMES
     for name, value, least in (("--steps", args.steps, 1), ("--seeds", args.seeds, 1),
                                ("--limit", args.limit, 1), ("--fd-images", args.fd_images, 0),
                                ("--real-images", args.real_images, 0)):  # fmt: skip
@@ -169,7 +172,7 @@ def _eval_shapes(args: argparse.Namespace) -> int:
     pipe = _load_sd(argparse.Namespace(**{**vars(args), "model": str(model_path)}))
     clip, clip_path = _clip_for_eval(args, model_path, pipe)
     report, sheet = evaluate_shapes(
-        pipe, clip=clip, seeds=args.seeds, steps=args.steps, guidance=guidance, sampler=sampler,
+        pipe, clip=clip, seeds=args.seeds, steps=args.steps, guidance=guidance, sampler=sampler, karras=karras,
         seed=args.seed, limit=args.limit, categories=categories,
         fd_images=args.fd_images if clip is not None else 0,
         real_images=args.real_images, progress=sys.stderr.isatty(),
@@ -186,7 +189,8 @@ def _eval_shapes(args: argparse.Namespace) -> int:
     s = report["settings"]
     print(
         f"sfumato eval shapes (prompt set v{report['prompt_set_version']}, {report['n_prompts']} prompts x "
-        f"{s['seeds_per_prompt']} seeds; {s['steps']} steps, guidance {s['guidance']}, {s['sampler']})"
+        f"{s['seeds_per_prompt']} seeds; {s['steps']} steps, guidance {s['guidance']}, {s['sampler']}"
+        f"{', Karras sigmas' if s['karras'] else ', uniform sigmas'})"
     )
     print(format_table(report["rates"]))
     for name, goal in report["goals"].items():

@@ -468,6 +468,7 @@ def evaluate_shapes(
     steps: int = 20,
     guidance: float | None = None,
     sampler: str = "dpmpp_2m",
+    karras: bool | None = None,
     seed: int = 0,
     limit: int | None = None,
     categories: Sequence[str] | None = None,
@@ -479,7 +480,8 @@ def evaluate_shapes(
     """Run the benchmark; returns (report dict, contact sheet).
 
     pipe: anything with ``generate(prompts, *, steps, guidance, sampler, seed=[per-image seeds], batch,
-    progress) -> PIL images`` (a `StableDiffusion`). clip: ``encode_images`` / ``encode_texts`` (a
+    progress, karras) -> PIL images`` (a `StableDiffusion`); karras=None leaves the σ spacing to the sampler's
+    default (the report records None then). clip: ``encode_images`` / ``encode_texts`` (a
     `CLIPPipeline`) for zero-shot accuracy and the Fréchet distance, or None to skip them. vae: an
     `AutoencoderKL` for reconstruction PSNR (default ``pipe.vae`` when it has one; None skips it).
 
@@ -512,7 +514,7 @@ def evaluate_shapes(
         vae = getattr(pipe, "vae", None)
     if guidance is None:  # the model's own (a StableDiffusion's default_guidance), else SD's 7.5
         guidance = float(getattr(pipe, "default_guidance", 7.5))
-    settings = {"steps": steps, "guidance": guidance, "sampler": sampler}
+    settings = {"steps": steps, "guidance": guidance, "sampler": sampler, "karras": karras}
     total = len(indexed) * seeds + (fd_images if clip is not None else 0)
     bar = None
     if progress:
@@ -615,7 +617,8 @@ def evaluate_shapes(
         "timing": timing,
         "prompts": per_prompt,
     }
-    title = (f"sfumato eval shapes v{PROMPT_SET_VERSION}: {steps} steps, guidance {guidance}, {sampler}; "
+    spacing = {True: ", Karras sigmas", False: ", uniform sigmas", None: ""}[karras]
+    title = (f"sfumato eval shapes v{PROMPT_SET_VERSION}: {steps} steps, guidance {guidance}, {sampler}{spacing}; "
              "green = all criteria hold; letters = failed (C colour, S shape, B binding, Z size, P position, "
              "R relation, N count); [H] held out")  # fmt: skip
     return report, contact_sheet(rows, title=title)
