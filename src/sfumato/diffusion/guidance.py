@@ -47,3 +47,26 @@ def static_thresholding(denoiser: Denoiser, limit: float = 1.0) -> Denoiser:
     """The denoiser whose x0 predictions are clamped to [-limit, limit], the data range (Ho et al. 2020
     clip the predicted x0 to [-1, 1] when sampling pixels; Saharia et al. 2022 call it static thresholding)."""
     return lambda x, sigma, **cond: denoiser(x, sigma, **cond).clamp(-limit, limit)
+
+
+def dynamic_thresholding(denoiser: Denoiser, percentile: float = 0.995, max_value: float | None = None) -> Denoiser:
+    """The denoiser with Imagen's dynamic thresholding of its x0 predictions (Saharia et al. 2022, sec. 2.3).
+
+    Per image: s = the `percentile` quantile of |x0| over all its pixels and channels, clamped to
+    [1, max_value]; x0 becomes clamp(x0, -s, s) / s. So an image whose values mostly stay within [-1, 1] is
+    clamped there (static thresholding), and one that guidance pushed further out is shrunk back into it
+    instead of saturating. max_value=None leaves s unbounded above (diffusers' `sample_max_value` bounds it).
+    """
+    if not 0 < percentile <= 1:
+        raise ValueError(f"percentile must be in (0, 1] (Imagen uses 0.995), got {percentile}")
+    if max_value is not None and not max_value >= 1:
+        raise ValueError(f"max_value must be >= 1 (or None for no bound), got {max_value}")
+
+    def thresholded(x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        x0 = denoiser(x, sigma, **cond)
+        y = x0 if x0.dtype in (torch.float32, torch.float64) else x0.float()  # quantile needs float32/64
+        s = torch.quantile(y.reshape(y.shape[0], -1).abs(), percentile, dim=1)  # (B, C*H*W) -> (B,)
+        s = s.clamp(min=1.0, max=max_value).view(-1, *[1] * (y.ndim - 1))  # (B, 1, 1, 1)
+        return (torch.clamp(y, -s, s) / s).to(x0.dtype)
+
+    return thresholded
