@@ -87,7 +87,8 @@ def test_page_generates_shows_progress_gallery_and_downloads(browser, tiny_bundl
         assert "Seed: 42" in captions[0] and "Seed: 43" in captions[1]
         assert all("Sampler: Euler a, CFG scale: 6.0" in c and "Size: 64x64" in c for c in captions)
         assert all("Negative prompt: blurry" in c for c in captions)
-        # every gallery image actually loaded
+        # every gallery image actually loaded (an image's bytes arrive after its <img> is in the page)
+        wait_until(page, "() => [...document.querySelectorAll('#gallery img')].every(i => i.complete)")
         assert page.evaluate("[...document.querySelectorAll('#gallery img')].every(i => i.naturalWidth === 64)")
 
         with page.expect_download() as download:
@@ -142,5 +143,6 @@ def test_page_behind_an_api_key_uses_the_browsers_login(browser, tiny_bundle_pat
         page.click("#generate")
         wait_until(page, "() => document.querySelector('#status').textContent.startsWith('done')", 240)
         assert page.locator("#gallery figure").count() == 1
+        wait_until(page, "() => document.querySelector('#gallery img').complete")  # loaded, or failed to
         assert page.evaluate("document.querySelector('#gallery img').naturalWidth") == 32
         context.close()
