@@ -58,7 +58,7 @@ def dynamic_thresholding(denoiser: Denoiser, percentile: float = 0.995, max_valu
     instead of saturating. max_value=None leaves s unbounded above (diffusers' `sample_max_value` bounds it).
     """
     if not 0 < percentile <= 1:
-        raise ValueError(f"percentile must be in (0, 1] (Imagen uses 0.995), got {percentile}")
+        raise ValueError(f"percentile must be in (0, 1] (diffusers' default is 0.995), got {percentile}")
     if max_value is not None and not max_value >= 1:
         raise ValueError(f"max_value must be >= 1 (or None for no bound), got {max_value}")
 
