@@ -144,14 +144,12 @@ def _clip_for_eval(args: argparse.Namespace, model_path: Path, pipe):
 
 def _eval_shapes(args: argparse.Namespace) -> int:
     from ..eval.shapes import check_categories, evaluate_shapes, format_table
-    from ..pipelines.metadata import SAMPLER_NAMES
-    from ..pipelines.stable_diffusion import StableDiffusion
+    from ..pipelines.stable_diffusion import StableDiffusion, resolve_karras
 
     defaults = _api_defaults(StableDiffusion.generate)
     guidance = defaults["guidance"] if args.guidance is None else args.guidance
     sampler = defaults["sampler"] if args.sampler is None else args.sampler
-    # recorded as used: the pipeline's default spacing is Karras for the samplers that have it
-    karras = args.karras if args.karras is not None else (sampler, True) in SAMPLER_NAMES
+    karras = resolve_karras(sampler, args.karras)  # the spacing generate() will use, so the report records it
     for name, value, least in (("--steps", args.steps, 1), ("--seeds", args.seeds, 1),
                                ("--limit", args.limit, 1), ("--fd-images", args.fd_images, 0),
                                ("--real-images", args.real_images, 0)):  # fmt: skip

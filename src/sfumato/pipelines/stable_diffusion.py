@@ -182,7 +182,7 @@ def _drawn(seed: int, shape: tuple[int, ...]) -> torch.Generator:
     return g
 
 
-def _karras(sampler: str, karras: bool | None) -> bool:
+def resolve_karras(sampler: str, karras: bool | None) -> bool:
     """Karras σ unless asked otherwise, for the samplers that have them; ddim and ddpm walk their own ladder
     (so that `generate(..., sampler="ddim")` works without `karras=False`)."""
     return sampler not in ("ddim", "ddpm") if karras is None else karras
@@ -621,7 +621,7 @@ class StableDiffusion:
         negatives = _as_list(negative_prompt or "", len(prompts), "negative_prompt")
         guidance = self._guidance(guidance)
         _check_output(output)
-        karras = _karras(sampler, karras)
+        karras = resolve_karras(sampler, karras)
         if batch < 1:
             raise ValueError(f"batch must be >= 1 images per prompt, got {batch}")
         plan = plan_steps(self.schedule, sampler, steps, karras)
@@ -692,7 +692,7 @@ class StableDiffusion:
                 f"give both width and height to resize the image (got width={width}, height={height}), "
                 "or neither to keep its size"
             )
-        karras = _karras(sampler, karras)
+        karras = resolve_karras(sampler, karras)
         run = _check_strength(strength, steps)
         plan = plan_steps(self.schedule, sampler, steps, karras)
         sigmas = plan.sigmas[steps - run :]  # diffusers: timesteps[t_start * order:]
@@ -751,7 +751,7 @@ class StableDiffusion:
         """
         guidance = self._guidance(guidance)
         _check_output(output)
-        karras = _karras(sampler, karras)
+        karras = resolve_karras(sampler, karras)
         run = _check_strength(strength, steps)
         plan = plan_steps(self.schedule, sampler, steps, karras)
         sigmas = plan.sigmas[steps - run :]
