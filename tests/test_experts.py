@@ -197,6 +197,27 @@ def test_expert_task_trains_only_high_noise_with_the_base_frozen():
         HighNoiseExpertTask(dataclasses.replace(bundle, unet=pair.unet), config, boundary=600)
 
 
+def test_expert_initialised_from_the_base_starts_as_its_copy_and_trains_apart_from_it():
+    bundle = tiny_bundle(prediction="v")
+    base_state = {k: v.clone() for k, v in bundle.unet.state_dict().items()}
+    config = dataclasses.replace(bundle.unet.config, mask_padding=True)
+    fresh = HighNoiseExpertTask(bundle, config, boundary=600)
+    task = HighNoiseExpertTask(bundle, config, boundary=600, init_from_base=True)
+    state = task.unet.state_dict()
+    assert state.keys() == base_state.keys() and task.unet.config.mask_padding
+    assert all(torch.equal(state[k], v) for k, v in base_state.items())
+    assert not all(torch.equal(v, base_state[k]) for k, v in fresh.unet.state_dict().items())
+    assert task.unet is not task.low and all(p.requires_grad for p in task.unet.parameters())
+    with torch.no_grad():  # a step of training moves the expert, not the frozen base beside it
+        for p in task.unet.parameters():
+            p.add_(0.01)
+    assert all(torch.equal(v, base_state[k]) for k, v in task.low.state_dict().items())
+    with pytest.raises(ValueError, match="context_layers=0"):
+        HighNoiseExpertTask(bundle, dataclasses.replace(config, context_layers=2), boundary=600, init_from_base=True)
+    with pytest.raises(ValueError, match="starts fresh"):
+        HighNoiseExpertTask(bundle, config, boundary=600, unet=bundle.unet)
+
+
 @pytest.mark.parametrize("own_encoder", [False, True], ids=["frozen-encoder", "own-encoder"])
 def test_train_expert_stage_writes_a_pair_that_generates(tmp_path, tiny_bundle_path, monkeypatch, own_encoder):
     """The CLI stage, as the shipped recipe runs it (own_encoder: a text encoder of the expert's own)."""

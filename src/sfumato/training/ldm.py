@@ -487,16 +487,33 @@ class HighNoiseExpertTask(LDMTask):
 
     train_text_encoder: the expert gets a text encoder of its own, a copy of the base's trained with it; the
     base's stays frozen for the low expert, and the pair reads both (`ExpertTextEncoders`, `split_context`).
+    init_from_base: start the expert from the base U-Net's weights instead of a fresh initialisation, as
+    eDiff-I (Balaji et al. 2022) starts its experts from one trained model; `unet_config` must then have
+    the base's parameters (flags such as `mask_padding` may differ).
     """
 
     name = "expert"
 
-    def __init__(self, base: Bundle, unet_config: UNetConfig, *, boundary: int, **kwargs):
+    def __init__(
+        self, base: Bundle, unet_config: UNetConfig, *, boundary: int, init_from_base: bool = False, **kwargs
+    ):
         if isinstance(base.unet, NoiseLevelExperts):
             raise ValueError("the base model already has a high-noise expert; give a model with one U-Net")
         for key in ("high_noise_share", "high_noise_from", "layout_steps", "low_noise_until"):
             if key in kwargs:
                 raise ValueError(f"{key} is fixed for a high-noise expert (it trains on t >= boundary only)")
+        if "unet" in kwargs:
+            raise ValueError("the expert starts fresh from unet_config or, with init_from_base=True, from the base")
+        if init_from_base:
+            unet = UNet(unet_config)
+            missing, unexpected = unet.load_state_dict(base.unet.state_dict(), strict=False)
+            if missing or unexpected:
+                raise ValueError(
+                    f"init_from_base needs the base U-Net's parameters, but unet_config lacks {unexpected[:3]} "
+                    f"and adds {missing[:3]} ({len(unexpected)} and {len(missing)} in all); give the base's "
+                    "architecture (e.g. context_layers=0) or init_from_base=False"
+                )
+            kwargs["unet"] = unet.train().requires_grad_(True)
         super().__init__(unet_config, base.vae, base.text_encoder, base.tokenizer, base.schedule,
                          high_noise_share=1.0, high_noise_from=boundary, **kwargs)  # fmt: skip
         self.low = freeze(base.unet)

@@ -92,6 +92,7 @@ class ExpertRecipe:
     context_layers: int = 0  # bidirectional layers over the text context (UNetConfig.context_layers)
     # the expert trains a copy of the base's text encoder with it and keeps it (HighNoiseExpertTask)
     train_text_encoder: bool = False
+    init_from_base: bool = False  # start from the base U-Net's weights (eDiff-I), not a fresh initialisation
     boundary: int = 550  # the expert learns and serves t >= boundary; the base U-Net keeps t < boundary
     image_size: int = 32
     data_size: int = 20_000
@@ -371,7 +372,8 @@ def train_expert(
         cache = build_latent_cache(ds, b.vae, b.text_encoder, b.tokenizer, out / "cache", progress=progress is not False)
     task = HighNoiseExpertTask(b, unet, boundary=r.boundary, caption_dropout=r.caption_dropout, cache=cache,
                                min_snr_gamma=r.min_snr_gamma, min_snr_floor=r.min_snr_floor, seed=r.train.seed,
-                               preview_prompts=r.preview_prompts, train_text_encoder=r.train_text_encoder)  # fmt: skip
+                               preview_prompts=r.preview_prompts, train_text_encoder=r.train_text_encoder,
+                               init_from_base=r.init_from_base)  # fmt: skip
     return train(task, ds, r.train, out, resume=resume, until=until, progress=progress)
 
 
