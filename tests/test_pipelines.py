@@ -23,7 +23,8 @@ import sfumato
 from sfumato.diffusion.denoisers import DiscreteDenoiser
 from sfumato.pipelines.images import NonFiniteImageError, image_to_tensor
 from sfumato.pipelines.metadata import model_hash, parse_parameters, read_parameters, save_png
-from sfumato.pipelines.stable_diffusion import StableDiffusion, plan_steps, slerp
+from sfumato.pipelines.stable_diffusion import StableDiffusion, slerp
+from sfumato.pipelines.steps import plan_steps
 
 # Every word below is one token of the tiny BPE vocabulary (checked in `test_prompt_lengths`).
 CAT = "a photo of a cat"  # 5 tokens

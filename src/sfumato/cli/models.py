@@ -144,7 +144,8 @@ def _clip_for_eval(args: argparse.Namespace, model_path: Path, pipe):
 
 def _eval_shapes(args: argparse.Namespace) -> int:
     from ..eval.shapes import check_categories, evaluate_shapes, format_table
-    from ..pipelines.stable_diffusion import StableDiffusion, resolve_karras
+    from ..pipelines.stable_diffusion import StableDiffusion
+    from ..pipelines.steps import resolve_karras
 
     defaults = _api_defaults(StableDiffusion.generate)
     guidance = defaults["guidance"] if args.guidance is None else args.guidance

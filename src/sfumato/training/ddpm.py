@@ -33,7 +33,7 @@ from sfumato.models.clip import CLIPTextModel
 from sfumato.models.unet import UNet, UNetConfig
 from sfumato.pipelines.images import tensor_to_images
 from sfumato.pipelines.metadata import save_png
-from sfumato.pipelines.stable_diffusion import discrete_schedule, plan_steps
+from sfumato.pipelines.steps import discrete_schedule, plan_steps
 from sfumato.text.tokenizer import CLIPTokenizer
 from sfumato.training.ldm import (
     TextContexts,

@@ -44,7 +44,8 @@ from sfumato.models.unet import UNet, UNetConfig
 from sfumato.models.vae import AutoencoderKL
 from sfumato.pipelines.images import tensor_to_images
 from sfumato.pipelines.metadata import save_png  # atomic: temporary name, then rename
-from sfumato.pipelines.stable_diffusion import StableDiffusion, discrete_schedule
+from sfumato.pipelines.stable_diffusion import StableDiffusion
+from sfumato.pipelines.steps import discrete_schedule
 from sfumato.text.tokenizer import CLIPTokenizer
 from sfumato.training.task import BatchRandom
 
