@@ -415,6 +415,37 @@ def test_repeat_prob_makes_counted_captions_common_and_zero_changes_nothing():
         ShapesDataset(10, repeat_prob=-0.1)
 
 
+def test_same_color_gap_keeps_objects_of_one_colour_apart_and_none_changes_nothing():
+    """same_color_gap widens the background between two objects of one colour only (which a checker would
+    otherwise read as one region); None keeps every item and the cache key as they were."""
+    import itertools
+
+    def gap(a, b):  # background between two boxes along the axis where they are apart
+        (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = a["bbox"], b["bbox"]
+        return max(bx0 - ax1, ax0 - bx1, by0 - ay1, ay0 - by1)
+
+    base = ShapesDataset(800, seed=6)
+    none = ShapesDataset(800, seed=6, same_color_gap=None)
+    wide = ShapesDataset(800, seed=6, same_color_gap=0.125)
+    assert all(base.attributes(i) == none.attributes(i) for i in range(len(base)))
+    assert base.fingerprint() == none.fingerprint() != wide.fingerprint()
+    gaps = {"base same": [], "wide same": [], "wide other": []}
+    for i in range(len(base)):
+        for name, ds in (("base", base), ("wide", wide)):
+            for a, b in itertools.combinations(ds.attributes(i)["objects"], 2):
+                same = a["color"] == b["color"]
+                if name == "base" and same:
+                    gaps["base same"].append(gap(a, b))
+                elif name == "wide":
+                    gaps["wide same" if same else "wide other"].append(gap(a, b))
+    # 32 px: 4 px for one colour, 1.6 px (the default) for two
+    assert min(gaps["wide same"]) >= 4.0 - 1e-6 and len(gaps["wide same"]) > 50
+    assert min(gaps["base same"]) < 4.0  # without it, objects of one colour come closer
+    assert min(gaps["wide other"]) < 4.0 and min(gaps["wide other"]) >= 1.6 - 1e-6  # other pairs keep the default
+    with pytest.raises(ValueError, match="same_color_gap must lie in"):
+        ShapesDataset(10, same_color_gap=0.01)
+
+
 def test_relation_between_and_positions():
     def box(x, y, r=2):
         return {"center": [x, y], "bbox": [x - r, y - r, x + r, y + r]}

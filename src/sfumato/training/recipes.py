@@ -78,7 +78,7 @@ class LDMRecipe:
     cache: bool = False  # encode every image and caption once (data.cache) instead of every step
     train_text_encoder: bool = False  # fine-tune (a copy of) the CLIP text tower with the U-Net (LDMTask)
     preview_prompts: tuple[str, ...] = ("a red circle", "a blue square above a green triangle", "")
-    # ShapesDataset keyword arguments for this stage (position_prob, relation_prob, repeat_prob); ignored for folders
+    # ShapesDataset keyword arguments for this stage (position_prob, relation_prob, repeat_prob, same_color_gap); ignored for folders
     shapes_options: dict[str, float] = field(default_factory=dict)
 
 
