@@ -19,13 +19,13 @@ import sys
 import torch
 
 import sfumato
+from sfumato.data.shapes import _PLURALS, _with_article
 from sfumato.eval.checker import check
 from sfumato.eval.shapes import prompt_set
 from sfumato.pipelines.clip import CLIPPipeline
 from sfumato.text.tokenizer import CLIPTokenizer
 
-SINGULAR = {"circles": "circle", "squares": "square", "triangles": "triangle", "diamonds": "diamond",
-            "crosses": "cross"}  # fmt: skip
+SINGULAR = {plural: shape for shape, plural in _PLURALS.items()}  # "circles" -> "circle"
 SCORES = {
     "sim": lambda s: s[0],
     "margin": lambda s: s[0] - max(s[1:]),
@@ -36,8 +36,7 @@ SCORES = {
 def count_edits(text: str) -> list[str]:
     """ "two red circles and a blue square" -> the same with "a red circle", "three ...", "four ..."."""
     color, plural, rest = re.match(r"two (\w+) (\w+)(.*)", text).groups()
-    article = "an" if color[0] in "aeiou" else "a"
-    return [f"{article} {color} {SINGULAR[plural]}{rest}", f"three {color} {plural}{rest}",
+    return [_with_article(f"{color} {SINGULAR[plural]}") + rest, f"three {color} {plural}{rest}",
             f"four {color} {plural}{rest}"]  # fmt: skip
 
 

@@ -9,18 +9,15 @@ D_c the prompt ("two red circles and a blue square"), D_one and D_three the same
 eval's checker: right counts, and how the others miss (too few objects: merged; too many).
 """
 
-import re
 import sys
 
 import torch
+from clip_rerank import count_edits  # this folder is on sys.path when the script runs
 
 import sfumato
 from sfumato.eval.checker import check
 from sfumato.eval.shapes import prompt_set
 from sfumato.pipelines import stable_diffusion as sd
-
-SINGULAR = {"circles": "circle", "squares": "square", "triangles": "triangle", "diamonds": "diamond",
-            "crosses": "cross"}  # fmt: skip
 
 
 def main() -> None:
@@ -45,10 +42,7 @@ def main() -> None:
     for k, p in enumerate(prompt_set()):
         if p["category"] != "count":
             continue
-        color, plural, rest = re.match(r"two (\w+) (\w+)(.*)", p["text"]).groups()
-        article = "an" if color[0] in "aeiou" else "a"
-        for name, text in (("one", f"{article} {color} {SINGULAR[plural]}{rest}"),
-                           ("three", f"three {color} {plural}{rest}")):  # fmt: skip
+        for name, text in zip(("one", "three"), count_edits(p["text"])):  # "a X ...", "three X ..."
             edits[name] = pipe._contexts([text], [""], 3.0, 0, 4)[0]
         images = pipe.generate([p["text"]], batch=4, seed=[k * 4 + j for j in range(4)], steps=20, guidance=g,
                                sampler="dpmpp_2m", karras=True, progress=False)  # fmt: skip

@@ -484,6 +484,7 @@ class ShapesDataset(Dataset):
         i = self._index(i)
         rng = random.Random(_item_seed(self.seed, i))
         span = self.max_objects - self.min_objects + 1
+        gap = _GAP if self.same_color_gap is None else self.same_color_gap
         for _ in range(_LAYOUT_TRIES):
             n = self.min_objects + int(rng.random() * span)
             kinds = [_pick(rng, self._kinds) for _ in range(n)]
@@ -491,7 +492,6 @@ class ShapesDataset(Dataset):
                 same = n if n == 2 else 2 + int(rng.random() * (n - 1))  # 2 of 2; 2..n of n
                 kinds[1:same] = [kinds[0]] * (same - 1)
             sizes = ["large" if rng.random() < 0.5 else "small" for _ in range(n)]
-            gap = _GAP if self.same_color_gap is None else self.same_color_gap
             objects = _place(rng, kinds, sizes, self.image_size, gap)
             if objects is None:
                 objects = _place(rng, kinds, ["small"] * n, self.image_size, gap)
