@@ -17,9 +17,12 @@ from sfumato.training import recipes as R
 
 def test_train_pipeline_writes_a_model_that_generates(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "pipeline", "--preset", "tiny", "--out", str(out)]) == 0
+    assert main(["train", "pipeline", "--preset", "tiny", "--out", str(out), "--precision", "bf16"]) == 0
     for stage in ("vae", "clip", "ldm", "expert", "preview"):
         assert (out / stage / "final").is_dir() and (out / stage / "metrics.jsonl").is_file()
+        # --precision reaches every stage (the tiny recipes' own is fp32)
+        assert json.loads((out / stage / "config.json").read_text())["train"]["precision"] == "bf16"
+    assert json.loads((out / "recipe.json").read_text())["precision"] == "bf16"
     pipe = sfumato.load(out / "model")
     assert isinstance(pipe.unet, NoiseLevelExperts)  # the ldm stage's U-Net and the high-noise one
     assert pipe.preview_decoder is not None and pipe.preview(pipe.generate("a", steps=2, output="latent"))

@@ -163,6 +163,28 @@ def test_non_finite_losses_are_skipped_then_stop(tmp_path):
     assert latest_checkpoint(tmp_path / "stop").name == "step-00000004"
 
 
+def test_bf16_on_a_cpu_without_bf16_instructions_warns(tmp_path, monkeypatch, capsys):
+    """Autocast emulates bf16 on x86 CPUs without avx512_bf16 or AMX, slower than fp32: say so, with the fix."""
+    import platform
+
+    from sfumato.training import loop
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert not loop.bf16_is_fast(cpu)
+    res = train(ToyTask(), Points(), config(steps=2, precision="bf16"), tmp_path / "slow", progress=False)
+    assert res.step == 2 and "--precision fp32" in capsys.readouterr().err
+    train(ToyTask(), Points(), config(steps=2), tmp_path / "fp32", progress=False)
+    assert "--precision fp32" not in capsys.readouterr().err  # fp32 runs say nothing
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert loop.bf16_is_fast(cpu)
+    monkeypatch.setattr(platform, "machine", lambda: "arm64")  # not checked off x86: no warning
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert loop.bf16_is_fast(cpu)
+
+
 def test_lr_schedule():
     cfg = TrainConfig(steps=110, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
     assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == pytest.approx(1.0)

@@ -90,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
     tr.add_argument("--image-size", type=int, help="training image size in pixels (default: the recipe's)")
     tr.add_argument("--device", help="auto (default), cpu, cuda, cuda:1")
-    tr.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default fp32")
+    tr.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                    help="autocast precision; default: the recipe's (shapes: bf16, CLIP fp32). Pipeline: every stage. "
+                    "fp32 on CPUs without bf16 instructions (avx512_bf16/AMX), where bf16 is slower")
     tr.add_argument("--workers", type=int, help="DataLoader worker processes")
     tr.add_argument("--seed", type=int, help="data order and noise seed (default 0)")
     tr.add_argument("--vae", help="ldm: the trained VAE (vae.safetensors); preview: the VAE to imitate (that, or "

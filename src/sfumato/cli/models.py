@@ -233,7 +233,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.task == "pipeline":
         steps = {t: n for t, n in (("vae", args.vae_steps), ("clip", args.clip_steps), ("ldm", args.ldm_steps),
                                    ("expert", args.expert_steps), ("preview", args.preview_steps)) if n}  # fmt: skip
-        R.train_pipeline(args.data, out, args.preset, resume=args.resume, steps=steps)
+        R.train_pipeline(args.data, out, args.preset, resume=args.resume, steps=steps, precision=args.precision)
         return 0
     r = R.recipe(args.task, args.preset)
     overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("lr", args.lr),

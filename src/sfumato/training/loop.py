@@ -23,6 +23,7 @@ import copy
 import json
 import math
 import os
+import platform
 import shutil
 import sys
 import time
@@ -79,6 +80,18 @@ class TrainConfig:
 
 
 # the settings a resumed run must share with the run it continues, or it cannot repeat it exactly
+def bf16_is_fast(device: torch.device) -> bool:
+    """Whether bf16 autocast has hardware behind it: a CUDA device that supports bf16, or an x86 CPU with
+    avx512_bf16 or AMX tiles. Other CPUs (e.g. ARM) are given the benefit of the doubt."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu" and platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+        checks = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+        checks = [c for c in checks if c is not None]
+        return not checks or any(c() for c in checks)
+    return True
+
+
 _MUST_MATCH = ("batch_size", "grad_accum", "seed", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "betas")
 
 
@@ -405,6 +418,9 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
     if cfg.precision == "fp16" and device.type != "cuda":
         raise ValueError("precision fp16 needs a CUDA device (loss scaling); use bf16 or fp32 on the CPU")
+    if cfg.precision == "bf16" and d.main and not bf16_is_fast(device):
+        print(f"warning: precision bf16 on {device}, which has no bf16 instructions (x86: avx512_bf16 or AMX): "
+              "autocast emulates it and runs slower than fp32; pass --precision fp32", file=sys.stderr)
 
     trainable = task.trainable().to(device)
     ema = copy.deepcopy(trainable).eval().requires_grad_(False) if cfg.ema_decay is not None else None

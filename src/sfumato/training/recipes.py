@@ -167,8 +167,8 @@ RECIPES: dict[str, dict] = {
         # 16 x 16 latents: levels 16, 8, 4 with attention at 8 and 4. One ResNet block per level (6.7M
         # parameters) trains at ~62 img/s on 2 cores against ~36 with two: more steps beat more depth here.
         # shapes-3, the shipped model's U-Net until session 11: one U-Net for every noise level, for a model
-        # without an expert (`sfumato train ldm --preset shapes-full`). Tried and not kept (README "Why positions
-        # were ignored"): shapes-5 = this with mask_padding=True, min_snr_floor=1.0, high_noise_share=0.4,
+        # without an expert (`sfumato train ldm --preset shapes-full`). Tried and not kept (docs/shapes-model.md,
+        # "Why positions were ignored"): shapes-5 = this with mask_padding=True, min_snr_floor=1.0, high_noise_share=0.4,
         # high_noise_from=750, shapes_options={"position_prob": 1.0, "relation_prob": 1.0} and 4,000 steps:
         # positions 29 -> 100 %, relations 29 -> 71 % (held out 25 -> 84 %), shapes 90 -> 33 % (crosses,
         # triangles, diamonds blur). shapes-6 = shapes-5's settings for 2,000 steps (layout_steps=2000), then
@@ -196,7 +196,7 @@ RECIPES: dict[str, dict] = {
         # prompt's tokens (mask_padding) and sees only t >= 550, with every place and relation stated, through a
         # text encoder of its own. Reading the base's frozen encoder it reached positions 29 -> 69 %, relations
         # 29 -> 40 %: that encoder hardly tells "a above b" from "b above a". With its own: 100 % and 100 %
-        # (held out 97 %), shapes 90 -> 96 % (README "Both: a second U-Net").
+        # (held out 97 %), shapes 90 -> 96 % (docs/shapes-model.md "Both: a second U-Net").
         "shapes": ExpertRecipe(  # the base's architecture (shapes-3's: 6.7 M parameters), masked
             TrainConfig(steps=3000, batch_size=64, lr=4e-4, warmup_steps=100, ema_decay=0.998,
                         preview_every=500, checkpoint_every=250, log_every=25),
@@ -239,7 +239,8 @@ RECIPES: dict[str, dict] = {
 # The shipped model's low-noise U-Net: shapes-full trained on t < 550 only, the range the shapes expert leaves
 # to it (train_pipeline checks that the two meet). 2,000 steps draw as many examples below 550 as shapes-full's
 # 3,600 did, in 56 % of the time. Under the same expert, against shapes-3 (shipped float16 files): seen colour
-# 98.2 -> 98.0 %, shape 95.7 -> 95.0 %, relation 100 -> 100 %, count 70.8 -> 69.4 % (README "The time budget").
+# 98.2 -> 98.0 %, shape 95.7 -> 95.0 %, relation 100 -> 100 %, count 70.8 -> 69.4 % (docs/shapes-model.md,
+# "The time budget").
 RECIPES["ldm"]["shapes"] = replace(
     RECIPES["ldm"]["shapes-full"], low_noise_until=550, train=replace(RECIPES["ldm"]["shapes-full"].train, steps=2000)
 )
@@ -413,12 +414,15 @@ def train_ddpm(data: str, out: Path, r: DDPMRecipe, *, resume=False, until=None,
 
 
 def train_pipeline(data: str, out: str | Path, name: str = "shapes", *, resume: bool = False,
-                   progress: bool | None = None, steps: dict[str, int] | None = None) -> Path:  # fmt: skip
+                   progress: bool | None = None, steps: dict[str, int] | None = None,
+                   precision: str | None = None) -> Path:  # fmt: skip
     """VAE → CLIP → latent diffusion → high-noise expert (when `RECIPES["expert"]` has `name`) → preview
     decoder with the recipes called `name`; returns the finished bundle folder.
 
     steps: optional {"vae": n, "clip": n, "ldm": n, "expert": n, "preview": n} overriding the recipes' step
         counts.
+    precision: "fp32", "bf16" or "fp16" for every stage, instead of each recipe's own (e.g. "fp32" on a CPU
+        without bf16 instructions, where the shapes recipe's bf16 stages run slower than fp32).
     """
     out = Path(out)
     steps = steps or {}
@@ -434,10 +438,13 @@ def train_pipeline(data: str, out: str | Path, name: str = "shapes", *, resume: 
                          f"{recipes['expert'].boundary}; the two must meet (set both to one boundary)")  # fmt: skip
     for task, n in steps.items():
         recipes[task] = replace(recipes[task], train=replace(recipes[task].train, steps=n))
+    if precision is not None:
+        recipes = {task: replace(r, train=replace(r.train, precision=precision)) for task, r in recipes.items()}
     if out.exists() and any(out.iterdir()) and not resume:
         raise FileExistsError(f"{out} is not empty; pass --resume to continue this pipeline, or another --out")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.json").write_text(json.dumps({"recipe": name, "data": data, "steps": steps}, indent=2) + "\n")
+    meta = {"recipe": name, "data": data, "steps": steps, "precision": precision}
+    (out / "recipe.json").write_text(json.dumps(meta, indent=2) + "\n")
 
     def stage(task: str, fn, **kw) -> None:
         folder = out / task
