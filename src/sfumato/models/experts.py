@@ -12,7 +12,7 @@ with a single U-Net, on one context. Each expert is trained only on its own rang
 (`LDMTask(high_noise_share=1, high_noise_from=boundary)` trains a `high`), so a small model can spend all its
 capacity on what that range decides; in sfumato's shipped model the high-noise expert is the part that reads
 places and relations ("a red circle above a blue square"), which the one-U-Net recipes
-could only learn by giving up the low-noise training that draws shapes (README, "The shipped model").
+could only learn by giving up the low-noise training that draws shapes (docs/shapes-model.md).
 """
 
 from __future__ import annotations
