@@ -34,10 +34,14 @@ SCORES = {
 
 
 def count_edits(text: str) -> list[str]:
-    """ "two red circles and a blue square" -> the same with "a red circle", "three ...", "four ..."."""
-    color, plural, rest = re.match(r"two (\w+) (\w+)(.*)", text).groups()
-    return [_with_article(f"{color} {SINGULAR[plural]}") + rest, f"three {color} {plural}{rest}",
-            f"four {color} {plural}{rest}"]  # fmt: skip
+    """ "two red circles and a blue square" -> the same with "a red circle", "three ...", "four ..."; a size
+    word may come first ("two small red circles ..."). The "a X" edit is left out where the words after the
+    colour are not a known plural."""
+    m = re.match(r"two ((?:small |large )?\w+) (\w+)(.*)", text)
+    edits = [f"three {text[4:]}", f"four {text[4:]}"]
+    if m and m.group(2) in SINGULAR:
+        edits.insert(0, _with_article(f"{m.group(1)} {SINGULAR[m.group(2)]}") + m.group(3))
+    return edits
 
 
 def main() -> None:

@@ -42,18 +42,9 @@ SHIPPED = "src/sfumato/assets/shapes"
 
 
 def train_count_edits(c: str) -> list[str]:
-    """Like count_edits, for training captions too ("two small red squares at the top ...")."""
-    import re
-
-    from sfumato.data.shapes import _PLURALS, _with_article
-
-    singular = {p: s for s, p in _PLURALS.items()}
-    m = re.match(r"two ((?:small |large )?\w+) (\w+)(.*)", c)
-    out = ["three " + c[4:], "four " + c[4:]]
-    if m and m.group(2) in singular:
-        out.append(_with_article(f"{m.group(1)} {singular[m.group(2)]}") + m.group(3))
-    return out
-torch.set_num_threads(2)
+    """count_edits in the order the recorded run drew from: "three", "four", then "a"."""
+    edits = count_edits(c)
+    return edits[1:] + edits[:1] if len(edits) == 3 else edits
 
 
 def build() -> tuple[CLIP, CLIPTokenizer]:

@@ -79,7 +79,6 @@ class TrainConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-# the settings a resumed run must share with the run it continues, or it cannot repeat it exactly
 def bf16_is_fast(device: torch.device) -> bool:
     """Whether bf16 autocast has hardware behind it: a CUDA device that supports bf16, or an x86 CPU with
     avx512_bf16 or AMX tiles. Other CPUs (e.g. ARM) are given the benefit of the doubt."""
@@ -92,6 +91,7 @@ def bf16_is_fast(device: torch.device) -> bool:
     return True
 
 
+# the settings a resumed run must share with the run it continues, or it cannot repeat it exactly
 _MUST_MATCH = ("batch_size", "grad_accum", "seed", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "betas")
 
 
