@@ -37,6 +37,12 @@ def pixels(path) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
+def same_image(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal up to one level in a few pixels: what the last float bits of CPU kernels can move."""
+    diff = np.abs(a.astype(int) - b.astype(int))
+    return diff.max() <= 1 and diff.mean() < 0.01
+
+
 def written(out: str) -> list[str]:
     return out.split()
 
@@ -94,7 +100,7 @@ def test_outputs_are_never_overwritten(capsys, tiny_bundle_path, tmp_path):
 
 
 @pytest.mark.parametrize("sampler", ["euler_ancestral", "dpmpp_2m"])
-def test_from_png_regenerates_the_same_pixels_even_from_a_batch(capsys, tiny_bundle_path, tmp_path, sampler):
+def test_from_png_regenerates_the_image_even_from_a_batch(capsys, tiny_bundle_path, tmp_path, sampler):
     rc, out, err = run(
         capsys, "generate", "an astronaut on the moon", "--model", tiny_bundle_path, "--steps", STEPS,
         "--sampler", sampler, "--seed", 11, "--batch", 2, "--out", tmp_path / "batch",
@@ -114,7 +120,9 @@ def test_from_png_regenerates_the_same_pixels_even_from_a_batch(capsys, tiny_bun
         )
         assert rc == 0, err
         (again,) = written(out)
-        assert np.array_equal(pixels(again), pixels(original))
+        # the same seed alone or in a batch of two: CPU kernels chosen per batch (and per allocation) may
+        # differ in the last float bits, which can move a pixel by one level (as in test_pipelines' seeds)
+        assert same_image(pixels(again), pixels(original))
         assert read_parameters(again) == read_parameters(original)
 
 
@@ -332,3 +340,33 @@ def test_unknown_sampler_lists_the_valid_ones(capsys, tiny_bundle_path):
     rc, _, err = run(capsys, "generate", "x", "--sampler", "dpmpp_3m", "--model", tiny_bundle_path)
     assert rc == 2
     assert all(name in err for name in ("ddim", "euler_ancestral", "dpmpp_2m", "heun"))
+
+
+def test_best_of_k_is_recorded_and_regenerates(capsys, tiny_bundle_path, tmp_path):
+    """--candidates K is written as "Candidates: K" and read back by --from-png; a PNG without the key (any
+    other program's, or sfumato's without ranking) regenerates with one draw even for a model whose default
+    is more."""
+    rc, out, err = run(capsys, "generate", "a cat", "--model", tiny_bundle_path, "--steps", STEPS,
+                       "--seed", 5, "--candidates", 3, "--out", tmp_path / "k3")  # fmt: skip
+    assert rc == 0, err
+    (ranked,) = written(out)
+    assert read_parameters(ranked)["extra"] == {"Candidates": "3"}
+    api = sfumato.load(tiny_bundle_path).generate("a cat", seed=5, steps=4, candidates=3)[0]
+    assert same_image(pixels(ranked), np.asarray(api))
+    rc, out, err = run(capsys, "generate", "--from-png", ranked, "--model", tiny_bundle_path,
+                       "--out", tmp_path / "again")  # fmt: skip
+    assert rc == 0, err and "ignored" not in err
+    (again,) = written(out)
+    assert same_image(pixels(again), pixels(ranked))
+    assert read_parameters(again) == read_parameters(ranked)
+    # a plain PNG read back by the same command stays plain
+    rc, out, err = run(capsys, "generate", "a cat", "--model", tiny_bundle_path, "--steps", STEPS,
+                       "--seed", 5, "--out", tmp_path / "plain")  # fmt: skip
+    (plain,) = written(out)
+    assert "Candidates" not in Image.open(plain).text["parameters"]
+    rc, out, err = run(capsys, "generate", "--from-png", plain, "--model", tiny_bundle_path, "--candidates", 1,
+                       "--out", tmp_path / "plain2")  # fmt: skip
+    assert rc == 0, err
+    assert same_image(pixels(written(out)[0]), pixels(plain))
+    rc, out, err = run(capsys, "generate", "a cat", "--model", tiny_bundle_path, "--candidates", 0)
+    assert rc == 2 and "candidates must be an int >= 1" in err

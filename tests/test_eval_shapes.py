@@ -451,3 +451,28 @@ def test_eval_categories_keep_the_full_runs_seeds(tmp_path, capsys):
     assert "vae_psnr" not in report["metrics"] and report["metrics"]["real_images"]["n"] == 0
     assert main(["eval", "shapes", "--out", str(tmp_path / "e"), "--categories", "count,colour"]) == 2
     assert "--categories" in capsys.readouterr().err
+
+
+def test_eval_uses_the_models_best_of_k_and_records_it():
+    """A model that defaults to best of K is evaluated at it, an explicit `candidates` wins, and a pipeline
+    without the notion (default 1) is never passed the argument."""
+    from sfumato.eval.shapes import evaluate_shapes
+
+    class Ranked:
+        default_candidates = 8
+
+        def __init__(self):
+            self.asked = set()
+
+        def generate(self, prompts, *, seed, **kw):
+            self.asked.add(kw.get("candidates"))
+            return [Image.new("RGB", (32, 32), (128, 128, 128)) for _ in seed]
+
+    pipe = Ranked()
+    report, _ = evaluate_shapes(pipe, vae=None, limit=2, seeds=1, fd_images=0, real_images=0)
+    assert pipe.asked == {8} and report["settings"]["candidates"] == 8
+    pipe = Ranked()
+    report, _ = evaluate_shapes(pipe, vae=None, limit=2, seeds=1, fd_images=0, real_images=0, candidates=1)
+    assert pipe.asked == {None} and report["settings"]["candidates"] == 1
+    with pytest.raises(ValueError, match="candidates must be >= 1"):
+        evaluate_shapes(pipe, vae=None, limit=2, candidates=0, fd_images=0, real_images=0)

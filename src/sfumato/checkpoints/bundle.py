@@ -52,6 +52,7 @@ class ScheduleConfig:
     rescale_betas_zero_snr: bool = False  # Lin et al. 2023 zero terminal SNR rescaling
     image_size: int | None = None  # default generation size in pixels (diffusers: unet sample_size × VAE f)
     guidance: float | None = None  # default classifier-free guidance scale; None: 7.5 (what SD is run at)
+    candidates: int | None = None  # default best-of-K of generate (pipelines.ranking); None: 1, no ranking
 
     def __post_init__(self):
         if self.prediction not in ("eps", "v"):
@@ -62,6 +63,9 @@ class ScheduleConfig:
             )
         if self.guidance is not None and not self.guidance >= 1:
             raise ValueError(f"guidance must be None or >= 1 (1 turns guidance off), got {self.guidance}")
+        if self.candidates is not None and (isinstance(self.candidates, bool) or not isinstance(self.candidates, int)
+                                            or self.candidates < 1):
+            raise ValueError(f"candidates must be None or an int >= 1 (images drawn per image kept), got {self.candidates!r}")
         if self.beta_schedule not in ("linear", "scaled_linear", "squaredcos_cap_v2", "cosine"):
             raise ValueError(
                 f"beta_schedule {self.beta_schedule!r} is not one of linear, scaled_linear, squaredcos_cap_v2"

@@ -256,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--karras", action=argparse.BooleanOptionalAction,
         help="Karras et al. 2022 sigma spacing (default: on, for the samplers that have it)",
     )  # fmt: skip
+    shp.add_argument("--candidates", type=int, metavar="K",
+                     help="best of K: draws per image kept, ranked by the model's own denoising error "
+                     "(default: the model's own, else 1)")
     shp.add_argument("--seeds", type=int, default=4, help="images per prompt (default 4)")
     shp.add_argument("--seed", type=int, default=0, help="base seed: image j of prompt k gets seed + k * seeds + j")
     shp.add_argument("--limit", type=int, help="evaluate only this many prompts, spread over the set (a quick look)")

@@ -52,6 +52,12 @@ _SAMPLING_OPTIONS = {
     "width": (("--width",), {"type": int, "metavar": "PX"}, "image width in pixels, a multiple of 8"),
     "height": (("--height",), {"type": int, "metavar": "PX"}, "image height in pixels, a multiple of 8"),
     "batch": (("--batch",), {"type": int, "metavar": "N"}, "images per prompt"),
+    "candidates": (
+        ("--candidates",),
+        {"type": int, "metavar": "K"},
+        "best of K: draw each image K times and keep the draw the model's own denoiser explains best "
+        "(default: the model's own, else 1)",
+    ),
     "clip_skip": (
         ("--clip-skip",),
         {"type": int, "metavar": "N"},
@@ -59,8 +65,8 @@ _SAMPLING_OPTIONS = {
     ),
 }
 _GENERATE = ("negative_prompt", "steps", "guidance", "sampler", "karras", "eta", "seed", "width", "height",
-             "batch", "clip_skip")  # fmt: skip
-_IMG2IMG = ("strength", *_GENERATE)
+             "batch", "clip_skip", "candidates")  # fmt: skip
+_IMG2IMG = ("strength", *(n for n in _GENERATE if n != "candidates"))
 _INPAINT = tuple(n for n in _IMG2IMG if n not in ("width", "height"))  # inpaint keeps the image's size
 
 
@@ -225,7 +231,7 @@ def _check_model_hash(pipe, recorded_hash: str | None, source: str) -> None:
 
 def _read_png(path: str, command: str) -> dict:
     """The settings a PNG recorded, with the checks that regenerating it with `command` needs."""
-    from ..pipelines.metadata import read_parameters
+    from ..pipelines.metadata import CANDIDATES_KEY, read_parameters
 
     _need_file(path, "PNG file")
     params = read_parameters(path)
@@ -237,6 +243,12 @@ def _read_png(path: str, command: str) -> dict:
         )
     extra = dict(params.get("extra") or {})
     params["init_noise"] = extra.pop(INIT_NOISE_KEY, None)
+    if command == "generate":  # an image made without best of K (any other program's too) was drawn once
+        k = extra.pop(CANDIDATES_KEY, "1")
+        try:
+            params["candidates"] = int(k)
+        except ValueError:
+            raise ValueError(f"{path} records {CANDIDATES_KEY}: {k!r}, not a whole number") from None
     if extra:
         _warn(f"{path} also records settings sfumato does not use, ignored: {', '.join(extra)}")
     if "seed" not in params:

@@ -153,7 +153,8 @@ def _eval_shapes(args: argparse.Namespace) -> int:
     karras = resolve_karras(sampler, args.karras)  # the spacing generate() will use, so the report records it
     for name, value, least in (("--steps", args.steps, 1), ("--seeds", args.seeds, 1),
                                ("--limit", args.limit, 1), ("--fd-images", args.fd_images, 0),
-                               ("--real-images", args.real_images, 0)):  # fmt: skip
+                               ("--real-images", args.real_images, 0),
+                               ("--candidates", args.candidates, 1)):  # fmt: skip
         if value is not None and value < least:
             raise ValueError(f"{name} must be >= {least}, got {value}")
     if args.fd_images == 1:
@@ -172,7 +173,7 @@ def _eval_shapes(args: argparse.Namespace) -> int:
     clip, clip_path = _clip_for_eval(args, model_path, pipe)
     report, sheet = evaluate_shapes(
         pipe, clip=clip, seeds=args.seeds, steps=args.steps, guidance=guidance, sampler=sampler, karras=karras,
-        seed=args.seed, limit=args.limit, categories=categories,
+        candidates=args.candidates, seed=args.seed, limit=args.limit, categories=categories,
         fd_images=args.fd_images if clip is not None else 0,
         real_images=args.real_images, progress=sys.stderr.isatty(),
     )  # fmt: skip
@@ -189,7 +190,8 @@ def _eval_shapes(args: argparse.Namespace) -> int:
     print(
         f"sfumato eval shapes (prompt set v{report['prompt_set_version']}, {report['n_prompts']} prompts x "
         f"{s['seeds_per_prompt']} seeds; {s['steps']} steps, guidance {s['guidance']}, {s['sampler']}"
-        f"{', Karras sigmas' if s['karras'] else ', uniform sigmas'})"
+        f"{', Karras sigmas' if s['karras'] else ', uniform sigmas'}"
+        f"{', best of ' + str(s['candidates']) if s['candidates'] > 1 else ''})"
     )
     print(format_table(report["rates"]))
     for name, goal in report["goals"].items():

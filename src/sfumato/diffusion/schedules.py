@@ -169,7 +169,7 @@ class DiscreteSchedule:
         v = self._to_table(torch.as_tensor(sigma, dtype=torch.float64))
         table = self._table()
         # index of the last training level at or below σ, kept where an interval [low, low+1] exists
-        low = (torch.searchsorted(table, v.reshape(-1), right=True) - 1).clamp(0, self.num_timesteps - 2)
+        low = (torch.searchsorted(table, v.reshape(-1).contiguous(), right=True) - 1).clamp(0, self.num_timesteps - 2)
         lo, hi = table[low], table[low + 1]
         w = ((v.reshape(-1) - lo) / (hi - lo)).clamp(0, 1)
         return (low + w).reshape(v.shape)

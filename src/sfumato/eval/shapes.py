@@ -469,6 +469,7 @@ def evaluate_shapes(
     guidance: float | None = None,
     sampler: str = "dpmpp_2m",
     karras: bool | None = None,
+    candidates: int | None = None,
     seed: int = 0,
     limit: int | None = None,
     categories: Sequence[str] | None = None,
@@ -481,7 +482,8 @@ def evaluate_shapes(
 
     pipe: anything with ``generate(prompts, *, steps, guidance, sampler, seed=[per-image seeds], batch,
     progress, karras) -> PIL images`` (a `StableDiffusion`); karras=None leaves the σ spacing to the sampler's
-    default (the report records None then). clip: ``encode_images`` / ``encode_texts`` (a
+    default (the report records None then). candidates: best of K (`StableDiffusion.generate`); None means the
+    model's own (``pipe.default_candidates``, else 1); generate is passed it only when above 1. clip: ``encode_images`` / ``encode_texts`` (a
     `CLIPPipeline`) for zero-shot accuracy and the Fréchet distance, or None to skip them. vae: an
     `AutoencoderKL` for reconstruction PSNR (default ``pipe.vae`` when it has one; None skips it).
 
@@ -514,7 +516,13 @@ def evaluate_shapes(
         vae = getattr(pipe, "vae", None)
     if guidance is None:  # the model's own (a StableDiffusion's default_guidance), else SD's 7.5
         guidance = float(getattr(pipe, "default_guidance", 7.5))
+    if candidates is None:
+        candidates = int(getattr(pipe, "default_candidates", 1))
+    if candidates < 1:
+        raise ValueError(f"candidates must be >= 1 images drawn per image kept, got {candidates}")
     settings = {"steps": steps, "guidance": guidance, "sampler": sampler, "karras": karras}
+    if candidates > 1:
+        settings["candidates"] = candidates
     total = len(indexed) * seeds + (fd_images if clip is not None else 0)
     bar = None
     if progress:
@@ -603,7 +611,7 @@ def evaluate_shapes(
         "prompt_set_hash": prompt_set_hash(prompts),
         "n_prompts": len(indexed),
         "n_prompts_in_set": len(prompts),
-        "settings": {**settings, "seeds_per_prompt": seeds, "seed": seed, "image_size": image_size,
+        "settings": {**settings, "candidates": candidates, "seeds_per_prompt": seeds, "seed": seed, "image_size": image_size,
                      "limit": limit, "categories": None if categories is None else list(categories)},  # fmt: skip
         "checker": {
             "max_residual": MAX_RESIDUAL, "min_area": MIN_AREA, "shape_min_iou": SHAPE_MIN_IOU,
@@ -618,6 +626,7 @@ def evaluate_shapes(
         "prompts": per_prompt,
     }
     spacing = {True: ", Karras sigmas", False: ", uniform sigmas", None: ""}[karras]
+    spacing += f", best of {candidates}" if candidates > 1 else ""
     title = (f"sfumato eval shapes v{PROMPT_SET_VERSION}: {steps} steps, guidance {guidance}, {sampler}{spacing}; "
              "green = all criteria hold; letters = failed (C colour, S shape, B binding, Z size, P position, "
              "R relation, N count); [H] held out")  # fmt: skip

@@ -45,6 +45,8 @@ _SAMPLER_KEYS = {name: key for key, name in SAMPLER_NAMES.items()}
 
 _NEGATIVE = "Negative prompt:"
 _REQUIRED = ("prompt", "steps", "sampler", "guidance", "seed", "width", "height")
+# a pair sfumato writes in "extra": best of K (`StableDiffusion.generate(candidates=K)`), when K > 1
+CANDIDATES_KEY = "Candidates"
 _OPTIONAL = ("negative_prompt", "karras", "model_hash", "model", "clip_skip", "strength", "eta", "extra")
 # Webui keys we turn into typed fields; all other keys go to params["extra"].
 _KNOWN_KEYS = (

@@ -448,7 +448,7 @@ class LDMTask:
                 self.preview_prompts, steps=self.preview_steps, guidance=self.preview_guidance,
                 sampler=self.preview_sampler, batch=len(self.preview_seeds),
                 seed=[s for _ in self.preview_prompts for s in self.preview_seeds],
-                width=W, height=H, progress=False,
+                width=W, height=H, candidates=1, progress=False,  # the model as it is: no best of K
             )  # fmt: skip
         finally:
             unet.train(was_training)
