@@ -153,3 +153,14 @@ def test_best_of_k_with_v_prediction_and_a_saved_default(tmp_path):
     latents = sd.generate(CAT, seed=5, output="latent", **FAST)
     cands = sd.generate(CAT, seed=candidate_seeds(5, 2), batch=2, candidates=1, output="latent", **FAST)
     assert any(torch.allclose(latents[0], c, atol=1e-4) for c in cands)
+
+
+def test_the_callback_is_told_how_many_draws_each_image_has(pipe):
+    seen = []
+    pipe.generate(CAT, seed=2, batch=2, candidates=3,
+                  callback=lambda info: seen.append((info.get("candidates"), info["denoised"].shape[0])), **FAST)  # fmt: skip
+    assert seen == [(3, 6)] * FAST["steps"]
+    seen.clear()
+    pipe.generate(CAT, seed=2, batch=2, callback=lambda info: seen.append((info.get("candidates"), info["denoised"].shape[0])),
+                  **FAST)  # fmt: skip
+    assert seen == [(None, 2)] * FAST["steps"]

@@ -414,3 +414,30 @@ def test_a_client_that_goes_away_cancels_its_job(server):
     assert worker.current is None and worker.completed == before + 1
     health = httpx.get(url + "healthz").json()
     assert not health["running"] and health["queued"] == 0
+
+
+def test_interrupting_a_best_of_k_model_returns_one_image_per_image_asked(server, pipe):
+    """A model that draws best of K by default samples N * K rows; interrupted, it answers with N images
+    (each image's first draw), seeds as asked, not with every draw."""
+    from dataclasses import replace
+
+    url, _ = server
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=port_of(url))
+    before = pipe.schedule
+    pipe.schedule = replace(before, candidates=3)
+    try:
+        result = {}
+        worker = threading.Thread(target=lambda: result.setdefault("r", api.txt2img(
+            prompt="a cat", seed=5, steps=150, batch_size=2, width=SIZE, height=SIZE, sampler_name="Euler")))  # fmt: skip
+        worker.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and api.get_progress()["state"]["sampling_step"] < 2:
+            time.sleep(0.05)
+        api.interrupt()
+        worker.join(30)
+    finally:
+        pipe.schedule = before
+    r = result["r"]
+    assert r.info["interrupted"] is True and len(r.images) == 2
+    seeds = [int(im.info["parameters"].split("Seed: ")[1].split(",")[0]) for im in r.images]
+    assert seeds == [5, 6]

@@ -561,7 +561,9 @@ class StableDiffusion:
         seed: an int (image i gets seed + i), one seed per image, or None for random seeds (written into
         each image's parameters). latents: start from this unit-variance noise (N, 4, h, w) instead of
         seeded noise, e.g. what `invert` returns. output: "pil" or "latent".
-        callback(info) runs after every step with i, x, sigma, sigma_next, denoised, steps.
+        callback(info) runs after every step with i, x, sigma, sigma_next, denoised, steps; with candidates
+        K > 1 also "candidates": K, and x and denoised then hold all N * K draws, image-major (image i's first
+        draw, its plain image, is row i * K).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
@@ -592,6 +594,12 @@ class StableDiffusion:
             # differ in the last bits; a channels-last noise tensor would not reproduce a saved one exactly
             noise = latents.float().cpu().contiguous()
         x = (noise * plan.start_scale).to(self.device, self.dtype)
+        if k > 1 and callback is not None:
+            user_callback = callback
+
+            def callback(info: dict) -> None:  # x and denoised hold every draw: say how many per image
+                user_callback({**info, "candidates": k})
+
         z = self._denoise(x, plan.sigmas, plan, sampler, cond, uncond, guidance, gens, eta=eta,
                           callback=callback, progress=progress)  # fmt: skip
         if k > 1:

@@ -356,7 +356,8 @@ class Worker:
 
         def callback(info: dict) -> None:
             job.step, job.steps = info["i"] + 1, info["steps"]
-            last["denoised"] = info["denoised"]
+            # with best of K the rows are every draw, image-major: keep each image's first (its plain draw)
+            last["denoised"] = info["denoised"][:: info.get("candidates", 1)]
             now = time.monotonic()
             if self.preview_interval >= 0 and now - last["preview_at"] >= self.preview_interval:
                 last["preview_at"] = now
