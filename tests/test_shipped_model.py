@@ -60,6 +60,7 @@ def test_the_shipped_model_brings_its_guidance_and_preview_decoder():
 
     pipe = sfumato.load(default_model())
     assert pipe.default_guidance == 3.0 and pipe.preview_decoder is not None
+    assert pipe.default_candidates == 4  # best of 4 (pipelines.ranking), as its recipe's bundles
     latents = pipe.generate("a large red circle", steps=20, seed=0, output="latent")
     z = latents / pipe.scaling_factor
     with torch.no_grad():
