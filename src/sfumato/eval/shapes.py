@@ -483,7 +483,8 @@ def evaluate_shapes(
     pipe: anything with ``generate(prompts, *, steps, guidance, sampler, seed=[per-image seeds], batch,
     progress, karras) -> PIL images`` (a `StableDiffusion`); karras=None leaves the σ spacing to the sampler's
     default (the report records None then). candidates: best of K (`StableDiffusion.generate`); None means the
-    model's own (``pipe.default_candidates``, else 1); generate is passed it only when above 1. clip: ``encode_images`` / ``encode_texts`` (a
+    model's own (``pipe.default_candidates``, else 1); generate is passed it only when above 1.
+    clip: ``encode_images`` / ``encode_texts`` (a
     `CLIPPipeline`) for zero-shot accuracy and the Fréchet distance, or None to skip them. vae: an
     `AutoencoderKL` for reconstruction PSNR (default ``pipe.vae`` when it has one; None skips it).
 

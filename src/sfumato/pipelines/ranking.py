@@ -1,7 +1,7 @@
 """Best of K: rank a model's own samples by how well its conditional denoiser explains them.
 
 A diffusion model's variational bound on -log p(x | c) is a weighted sum over noise levels of the denoising
-error E_ε ||D(x + σ ε, σ; c) - x||² (Ho et al. 2020, eq. 5; Kingma et al. 2021 write it as an integral over
+error E_ε ||D(x + σ ε, σ; c) - x||² (Ho et al. 2020, §3.2; Kingma et al. 2021 write it as an integral over
 σ). `denoising_error` estimates a few of those terms by Monte Carlo, so among candidates drawn for one prompt,
 the one with the least error is the one the conditional model finds most likely: a reranker that needs no
 second model, where DALL·E reranked with CLIP. Li et al. 2023 ("Your diffusion model is secretly a zero-shot

@@ -624,13 +624,11 @@ class StableDiffusion:
         k = z.shape[0] // len(seeds)
         T = plan.schedule.num_timesteps
         sigmas = [float(plan.schedule.t_to_sigma(float(round(f * T)))) for f in RANK_LEVELS]
-        draws = len(sigmas) * RANK_DRAWS
         gens = [torch.Generator().manual_seed(ranking_seed(s)) for s in seeds]
-        noise = torch.stack([torch.randn((draws, *z.shape[1:]), generator=g) for g in gens])  # (N, L * M, ...)
-        noise = noise.repeat_interleave(k, 0).transpose(0, 1)  # (levels * draws, N * K, ...)
-        noise = noise.reshape(len(sigmas), RANK_DRAWS, *z.shape)
+        noise = torch.stack([torch.randn((len(sigmas), RANK_DRAWS, *z.shape[1:]), generator=g) for g in gens], 2)
+        noise = noise.repeat_interleave(k, 2)  # (levels, draws, N * K, ...): an image's candidates share draws
         denoiser = DiscreteDenoiser(self.unet, plan.schedule, self.schedule.prediction, plan.quantize)
-        bar = _Progress(draws, None, progress, "ranking")
+        bar = _Progress(len(sigmas) * RANK_DRAWS, None, progress, "ranking")
         try:
             with self._compiler_settings():
                 errors = denoising_error(denoiser, z, sigmas, noise, cond, on_level=lambda: bar({}))
