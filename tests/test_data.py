@@ -19,12 +19,14 @@ from sfumato.data import (
     SIZES,
     CorruptImageWarning,
     ImageCaptionFolder,
+    Oversampled,
     ShapesDataset,
     collate,
     holdout_prompts,
     load_dataset,
     relation_between,
     render,
+    states_relation,
     true_positions,
 )
 from sfumato.data.folder import _flip
@@ -66,6 +68,7 @@ def test_text_file_layout(tmp_path):
         assert it["image"].shape == (3, 16, 16) and it["image"].dtype == torch.float32
         assert it["image"].min() >= -1 and it["image"].max() <= 1
     assert items[0]["image"][2].mean() > 0.4 and items[0]["image"][0].mean() < -0.5  # blue stays blue
+    assert [ds.caption(i) for i in range(3)] == [it["caption"] for it in items]
     with pytest.raises(IndexError):
         ds[3]
 
@@ -518,3 +521,56 @@ def test_shapes_render_speed():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # e.g. torch's non-writable numpy array warning
         ds[1]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# oversampling relation captions (the shapes expert's recipe)
+
+
+def test_states_relation_finds_relations_not_places():
+    assert states_relation("a red circle above a blue square")
+    assert states_relation("A small red circle to the left of a large blue square")
+    assert states_relation("a red circle below a blue square") and states_relation("x to the right of y")
+    for caption in ("a red circle on the left", "a red circle in the top left corner", "a red circle at the top",
+                    "two red circles and a blue square", "a red circle and a blue square", "aboveground"):
+        assert not states_relation(caption), caption  # fmt: skip
+    ds = ShapesDataset(300, seed=3, position_prob=1.0, relation_prob=1.0)
+    for i in range(len(ds)):  # the captions' own words: true exactly when the caption states a relation
+        a = ds.attributes(i)
+        assert ds.caption(i) == a["caption"]
+        assert states_relation(a["caption"]) == (a["relation"] is not None), a["caption"]
+
+
+def test_oversampled_draws_kept_items_times_per_epoch_and_keeps_their_index(tmp_path):
+    ds = ShapesDataset(60, seed=1, relation_prob=1.0)
+    over = Oversampled(ds, states_relation, 3)
+    rel = [i for i in range(len(ds)) if ds.attributes(i)["relation"] is not None]
+    assert rel and over.kept == rel and len(over) == len(ds) + 2 * len(rel)
+    seen = [over[j]["index"] for j in range(len(over))]
+    assert sorted(seen) == sorted(list(range(len(ds))) + 2 * rel)  # every item once, relations twice more
+    j = len(ds) + 1  # a repeat: the item itself, index included (a latent cache of `ds` serves it)
+    assert over[j]["index"] == rel[1] and over[j]["caption"] == ds[rel[1]]["caption"]
+    torch.testing.assert_close(over[j]["image"], ds[rel[1]]["image"])
+    assert len(Oversampled(ds, states_relation, 1)) == len(ds)
+    for bad in (0, 1.5, -2):
+        with pytest.raises(ValueError, match="whole number >= 1"):
+            Oversampled(ds, states_relation, bad)
+
+    # datasets with epochs pass them on; captions come from `caption(i)` or, without it, from the item
+    for k, text in enumerate(["a red square above a blue circle", "a red square"]):
+        _halves(tmp_path / f"{k}.png")
+        (tmp_path / f"{k}.txt").write_text(text)
+    folder = ImageCaptionFolder(tmp_path, 16, flip=True)
+    over = Oversampled(folder, states_relation, 2)
+    assert over.kept == [0] and len(over) == 3
+    over.set_epoch(5)
+    assert folder.epoch == 5
+
+    class Bare(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return {"caption": ["a above b", "a"][i], "index": i}
+
+    assert Oversampled(Bare(), states_relation, 4).kept == [0]

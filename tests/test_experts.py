@@ -220,10 +220,12 @@ def test_expert_initialised_from_the_base_starts_as_its_copy_and_trains_apart_fr
 
 @pytest.mark.parametrize("own_encoder", [False, True], ids=["frozen-encoder", "own-encoder"])
 def test_train_expert_stage_writes_a_pair_that_generates(tmp_path, tiny_bundle_path, monkeypatch, own_encoder):
-    """The CLI stage, as the shipped recipe runs it (own_encoder: a text encoder of the expert's own)."""
+    """The CLI stage; own_encoder: as the shipped recipe runs it (a text encoder of the expert's own, started
+    from the base U-Net, relation captions drawn twice)."""
     from sfumato.cli import main
 
-    tiny = dataclasses.replace(R.RECIPES["expert"]["tiny"], train_text_encoder=own_encoder)
+    tiny = dataclasses.replace(R.RECIPES["expert"]["tiny"], train_text_encoder=own_encoder,
+                               init_from_base=own_encoder, relation_repeat=2 if own_encoder else 1)  # fmt: skip
     monkeypatch.setitem(R.RECIPES["expert"], "tiny", tiny)
     out = tmp_path / "expert"
     assert main(["train", "expert", "--preset", "tiny", "--base", str(tiny_bundle_path), "--out", str(out)]) == 0

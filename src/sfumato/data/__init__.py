@@ -23,6 +23,7 @@ from .shapes import (
     holdout_prompts,
     relation_between,
     render,
+    states_relation,
     true_positions,
 )
 
@@ -35,12 +36,14 @@ __all__ = [
     "SIZES",
     "CorruptImageWarning",
     "ImageCaptionFolder",
+    "Oversampled",
     "ShapesDataset",
     "collate",
     "holdout_prompts",
     "load_dataset",
     "relation_between",
     "render",
+    "states_relation",
     "true_positions",
 ]
 
@@ -64,6 +67,34 @@ def collate(items: list[dict]) -> dict:
         else:
             batch[key] = values
     return batch
+
+
+class Oversampled(torch.utils.data.Dataset):
+    """`dataset` with some items drawn `times` times per epoch instead of once.
+
+    An epoch holds every item of `dataset` once, then the items whose caption passes `keep` (e.g.
+    `states_relation`) `times - 1` more times each; the training loop's permutation mixes them. Items come back
+    unchanged, "index" included, so a latent cache of `dataset` (keyed on that index) serves them: build the
+    cache on `dataset` itself. Captions are read with `dataset.caption(i)` where it exists (no image loaded).
+    """
+
+    def __init__(self, dataset, keep, times: int):
+        if int(times) != times or times < 1:
+            raise ValueError(f"times must be a whole number >= 1 (1 draws every item once), got {times}")
+        caption = getattr(dataset, "caption", None) or (lambda i: dataset[i]["caption"])
+        self.dataset, self.times = dataset, int(times)
+        self.kept = [i for i in range(len(dataset)) if keep(caption(i))]
+        self.order = list(range(len(dataset))) + self.kept * (self.times - 1)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, j: int) -> dict:
+        return self.dataset[self.order[j]]
 
 
 def load_dataset(spec: str, *, image_size: int, **kw) -> torch.utils.data.Dataset:

@@ -240,6 +240,10 @@ class ImageCaptionFolder(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def caption(self, i: int) -> str:
+        """Item i's caption, without loading its image."""
+        return self.samples[i][1]
+
     def __getitem__(self, i: int) -> dict:
         i = int(i)
         if i < 0:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -64,6 +65,13 @@ RELATIONS: dict[str, str] = {
     "left of": "to the left of",
     "right of": "to the right of",
 }
+_STATES_RELATION = re.compile(r"\b(?:" + "|".join(sorted(RELATIONS.values(), key=len, reverse=True)) + r")\b")
+
+
+def states_relation(caption: str) -> bool:
+    """Whether a caption relates two objects in the data set's words ("a red circle above a blue square",
+    "... to the left of ..."); places of one object ("on the left", "at the top") do not count."""
+    return _STATES_RELATION.search(caption.lower()) is not None
 
 # Position name (see `true_positions`) -> caption words, for one-object captions.
 POSITIONS: dict[str, str] = {
@@ -521,6 +529,10 @@ class ShapesDataset(Dataset):
         if self.same_color_gap is not None:
             parts.append(("same_color_gap", self.same_color_gap))
         return f"shapes:{parts}:{sorted(held[0])}:{sorted(held[1])}"
+
+    def caption(self, i: int) -> str:
+        """Item i's caption, without rendering its image."""
+        return self.attributes(i)["caption"]
 
     def image(self, i: int) -> Image.Image:
         """Item i as an RGB PIL image."""
