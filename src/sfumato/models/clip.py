@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sfumato.models.layers import sdpa
+
 ACTIVATIONS = ("quick_gelu", "gelu")
 
 
@@ -186,7 +188,7 @@ class Attention(nn.Module):
         q, k, v = (p(x).view(B, T, self.heads, C // self.heads).transpose(1, 2)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
         keys = None if mask is None else mask[:, None, None, :]  # (B, T) -> (B, 1, 1, T)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=keys, is_causal=causal)  # scale 1/sqrt(hd)
+        y = sdpa(q, k, v, attn_mask=keys, is_causal=causal)  # scale 1/sqrt(hd)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hd) -> (B, T, C)
         return self.out_proj(y)
 

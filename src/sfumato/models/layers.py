@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # ldm's `normalization()` / `Normalize()`: GroupNorm always has 32 groups in Stable Diffusion.
 NORM_GROUPS = 32
@@ -278,6 +279,32 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
+# Below this many query-key pairs, attention that trains in bf16 or fp16 on the CPU takes PyTorch's math path:
+# the fused CPU kernel's backward costs a fixed ~10-20 ms per call in bf16 (16 queries x 16 keys: 9.7 ms
+# forward+backward against 1.4 ms for the math path; 64 x 64: 20.4 against 10.6 ms; 128 x 128: 13.1 against
+# 7.3), which made the shapes U-Net train ~17 % slower. From about 32k pairs on the fused kernel wins (256 x
+# 256: 85 against 174 ms), and the math path holds the whole (Tq, Tk) matrix. (torch 2.13, AMD EPYC, 2 cores;
+# benchmarks/attention_backends.py)
+MATH_PATH_MAX_PAIRS = 16_384
+
+
+def sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal=False
+) -> torch.Tensor:
+    """`F.scaled_dot_product_attention` on (B, nh, T, hd) tensors, with the backend chosen for speed where
+    PyTorch's default is slow (see `MATH_PATH_MAX_PAIRS`); the result is the same softmax(q k^T / sqrt(hd)) v."""
+    if (
+        q.device.type == "cpu"
+        and q.dtype in (torch.bfloat16, torch.float16)
+        and torch.is_grad_enabled()
+        and (q.requires_grad or k.requires_grad or v.requires_grad)
+        and q.shape[-2] * k.shape[-2] <= MATH_PATH_MAX_PAIRS
+    ):
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+
+
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -297,7 +324,7 @@ def attention(
     v = v.view(B, v.shape[1], num_heads, hd).transpose(1, 2)  # (B, Tk, nh*hd) -> (B, nh, Tk, hd)
     if mask is not None:
         mask = mask[:, None, None, :]  # (B, Tk) -> (B, 1, 1, Tk), broadcast over heads and queries
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, Tq, hd)
+    out = sdpa(q, k, v, attn_mask=mask)  # (B, nh, Tq, hd)
     return out.transpose(1, 2).reshape(B, Tq, C)  # (B, nh, Tq, hd) -> (B, Tq, nh*hd)
 
 
