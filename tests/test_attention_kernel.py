@@ -48,7 +48,7 @@ def test_sdpa_picks_the_math_path_only_for_short_low_precision_training():
     ]
     for (Tq, Tk), dtype, grad, fused in cases:
         q, k, v = _qkv(Tq, Tk, dtype, grad)
-        ops = _ops(lambda: sdpa(q, k, v), grad=grad)
+        ops = _ops(lambda q=q, k=k, v=v: sdpa(q, k, v), grad=grad)
         assert (FUSED in ops) == fused, (Tq, Tk, dtype, grad, sorted(o for o in ops if "attention" in o))
 
 
