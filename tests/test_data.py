@@ -29,7 +29,7 @@ from sfumato.data import (
     states_relation,
     true_positions,
 )
-from sfumato.data.folder import _flip
+from sfumato.data.folder import _flip, mirror_caption
 from sfumato.data.shapes import POSITIONS, RELATIONS
 
 # ----------------------------------------------------------------------------------------------------------
@@ -187,10 +187,28 @@ def test_no_flips_by_default_and_deterministic_flips_when_on(tmp_path):
     ds.set_epoch(1)
     epoch1 = flipped(ds)
     assert epoch1 == [_flip(3, 1, i) for i in range(24)] and epoch1 != epoch0
+    # a mirrored item's caption says what its image shows
+    captions = [ds[i]["caption"] for i in range(24)]
+    assert captions == [("black right, white left" if f else "black left, white right") for f in epoch1]
+    assert [ds.caption(i) for i in range(24)] == captions
     again = ImageCaptionFolder(tmp_path, image_size=16, flip=True, seed=3)
     again.set_epoch(1)
     assert flipped(again) == epoch1  # a resumed run sees the same items
     assert flipped(ImageCaptionFolder(tmp_path, image_size=16, flip=True, seed=4)) != epoch0
+
+
+def test_mirror_caption_swaps_left_and_right_words_only():
+    cases = {
+        "a dog to the left of a cat": "a dog to the right of a cat",
+        "Right: a red circle; left: a square": "Left: a red circle; right: a square",
+        "THE LEFTMOST BOX, the right-hand door": "THE RIGHTMOST BOX, the left-hand door",
+        "walking rightwards, then left": "walking leftwards, then right",
+        "bright lefty copyright cleft": "bright lefty copyright cleft",  # not the words themselves
+        "a blue circle above a red square": "a blue circle above a red square",
+    }
+    for caption, mirrored in cases.items():
+        assert mirror_caption(caption) == mirrored
+        assert mirror_caption(mirrored) == caption
 
 
 def test_fingerprints_follow_the_data(tmp_path):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -52,6 +53,23 @@ class CorruptImageWarning(UserWarning):
 
 def _is_hidden(relative: Path) -> bool:
     return any(part.startswith(".") for part in relative.parts)
+
+
+_SIDES = re.compile(r"\b(left|right)(?=(?:most|ward|wards|-hand)?\b)", re.IGNORECASE)
+
+
+def mirror_caption(caption: str) -> str:
+    """The caption of the mirrored image: "left" and "right" swapped as words, also at the start of "leftmost",
+    "rightward(s)" and "left-hand", keeping each word's case ("Left" -> "Right", "LEFT" -> "RIGHT")."""
+
+    def swap(m: re.Match) -> str:
+        word = m.group(1)
+        other = "right" if word.lower() == "left" else "left"
+        if word.isupper():
+            return other.upper()
+        return other.capitalize() if word[0].isupper() else other
+
+    return _SIDES.sub(swap, caption)
 
 
 def _flip(seed: int, epoch: int, index: int) -> bool:
@@ -89,8 +107,10 @@ class ImageCaptionFolder(Dataset):
     stripped), "index": i, "path": the image's path relative to root (str, "/"-separated)}.
 
     image_size: the shorter side is resized to it (bicubic), then the centre is cropped square.
-    flip: mirror left-right with probability 1/2, decided by (seed, epoch, index) only; off by default
-        because it turns "a dog to the left of a cat" into a false caption. Call `set_epoch` each epoch.
+    flip: mirror left-right with probability 1/2, decided by (seed, epoch, index) only, and swap "left" and
+        "right" in the caption of a mirrored item (`mirror_caption`), so "a dog to the left of a cat" stays
+        true. Off by default: other asymmetries (text in the image, "the right answer") do not mirror.
+        Call `set_epoch` each epoch.
         (A DataLoader copies the dataset into its workers when an iterator is made, so set the epoch
         before iterating, or use non-persistent workers.)
     allow_empty_captions: a missing or empty caption becomes "" instead of raising `FileNotFoundError`.
@@ -241,8 +261,13 @@ class ImageCaptionFolder(Dataset):
         return len(self.samples)
 
     def caption(self, i: int) -> str:
-        """Item i's caption, without loading its image."""
-        return self.samples[i][1]
+        """Item i's caption, as `self[i]` gives it this epoch, without loading its image."""
+        i = int(i) + (len(self.samples) if i < 0 else 0)
+        caption = self.samples[i][1]
+        return mirror_caption(caption) if self._mirrored(i) else caption
+
+    def _mirrored(self, i: int) -> bool:
+        return self.flip and _flip(self.seed, self.epoch, i)
 
     def __getitem__(self, i: int) -> dict:
         i = int(i)
@@ -253,7 +278,8 @@ class ImageCaptionFolder(Dataset):
         path, caption = self.samples[i]
         image = resize_and_crop(load_image(path), self.image_size)
         x = image_to_tensor(image)[0]  # (3, H, W) in [-1, 1]
-        if self.flip and _flip(self.seed, self.epoch, i):
+        if self._mirrored(i):
             x = torch.flip(x, dims=(-1,))  # mirror along W
+            caption = mirror_caption(caption)
         relative = Path(os.path.relpath(path, self.root)).as_posix()  # relpath: metadata may say "../x.png"
         return {"image": x, "caption": caption, "index": i, "path": relative}
