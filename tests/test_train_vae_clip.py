@@ -438,3 +438,24 @@ def test_clip_task_on_the_shapes_dataset():
 def test_with_articles():
     assert with_articles("a orange circle") == "an orange circle"
     assert with_articles("an red square above a orange cross") == "a red square above an orange cross"
+
+
+def test_vae_and_clip_tasks_start_from_their_seed_not_the_global_rng():
+    """A fresh run's initial weights are a function of the task's seed alone (the recipe is reproducible from
+    its seed), and building them leaves the caller's RNG where it was."""
+    tok = color_tokenizer()
+    makers = {
+        "vae": lambda seed: VAETask(VAE_PRESETS["tiny"], seed=seed),
+        "clip": lambda seed: CLIPTask(tiny_clip_config(tok), tok, seed=seed),
+    }
+    for name, make in makers.items():
+        torch.manual_seed(123)
+        a = make(3).trainable().state_dict()
+        after = torch.rand(1)
+        torch.manual_seed(456)
+        b = make(3).trainable().state_dict()
+        c = make(4).trainable().state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+        assert not all(torch.equal(a[k], c[k]) for k in a), name
+        torch.manual_seed(123)
+        assert torch.equal(torch.rand(1), after), name  # trainable() drew nothing from the global RNG

@@ -32,7 +32,7 @@ from sfumato.pipelines.images import tensor_to_images
 from sfumato.text.tokenizer import CLIPTokenizer
 from sfumato.training.distributed import all_gather, all_gather_with_grad
 from sfumato.training.losses import clip_loss, siglip_loss
-from sfumato.training.task import BatchRandom
+from sfumato.training.task import BatchRandom, init_seeded
 
 LOSSES = ("softmax", "sigmoid")
 # The attributes that zero-shot evaluation looks for in a batch's "attributes" (the shapes dataset's).
@@ -128,7 +128,7 @@ class CLIPTask:
         text tower's vocab_size / eos_token_id must fit the tokenizer.
     tokenizer: the BPE tokenizer (e.g. `train_bpe` on the captions); exported beside the model.
     loss: "softmax" (Radford et al. 2021) or "sigmoid" (Zhai et al. 2023; needs a config with logit_bias_init).
-    seed: unused by the objective (it draws no random numbers), kept for the Task interface.
+    seed: the model's initial weights (the objective draws no random numbers).
     max_logit_scale: exp(t) is clamped to at most this in the loss (OpenAI: 100, "to prevent scaling the
         logits by more than 100"); None: no clamp.
     eval_labels: {attribute: class names} for zero-shot evaluation in `preview`, e.g.
@@ -191,7 +191,7 @@ class CLIPTask:
         self.hard_negatives = hard_negatives
 
     def trainable(self) -> CLIPForTraining:
-        return CLIPForTraining(self.clip_config)
+        return init_seeded(lambda: CLIPForTraining(self.clip_config), self.seed)
 
     # -- inputs ----------------------------------------------------------------------------------------------
 

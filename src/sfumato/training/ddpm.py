@@ -41,11 +41,10 @@ from sfumato.training.ldm import (
     check_size,
     dropped,
     image_grid,
-    init_seeded,
     t_quartile_metrics,
     unwrap,
 )
-from sfumato.training.task import BatchRandom
+from sfumato.training.task import BatchRandom, init_seeded
 
 # Ho et al. 2020, sec. 4: β linear from 1e-4 to 0.02 over T = 1000; sampling starts at t = T - 1 ("trailing")
 DDPM_SCHEDULE = ScheduleConfig(

@@ -47,7 +47,7 @@ from sfumato.pipelines.metadata import save_png  # atomic: temporary name, then 
 from sfumato.pipelines.stable_diffusion import StableDiffusion
 from sfumato.pipelines.steps import discrete_schedule
 from sfumato.text.tokenizer import CLIPTokenizer
-from sfumato.training.task import BatchRandom
+from sfumato.training.task import BatchRandom, init_seeded
 
 DEFAULT_PROMPTS = ("a red circle", "a blue square", "a photo of a cat", "")
 
@@ -57,14 +57,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     while hasattr(model, "module") and isinstance(model.module, nn.Module):
         model = model.module
     return model
-
-
-def init_seeded(make, seed: int):
-    """Build a module with the global RNG seeded by `seed`, leaving the caller's RNG state untouched, so
-    every process (and every rerun) starts from the same weights."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return make()
 
 
 def freeze(module: nn.Module) -> nn.Module:

@@ -20,8 +20,8 @@ from torch import nn
 from sfumato.checkpoints.native import save_model
 from sfumato.models.preview import PreviewDecoder, PreviewDecoderConfig
 from sfumato.models.vae import AutoencoderKL
-from sfumato.training.ldm import init_seeded, unwrap
-from sfumato.training.task import BatchRandom
+from sfumato.training.ldm import unwrap
+from sfumato.training.task import BatchRandom, init_seeded
 from sfumato.training.vae import image_grid, psnr
 
 

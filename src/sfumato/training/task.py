@@ -75,3 +75,11 @@ class Task(Protocol):
     def preview(self, model: nn.Module, step: int, folder) -> list: ...
 
     def export(self, model: nn.Module, folder) -> list: ...
+
+
+def init_seeded(make, seed: int):
+    """Build a module with the global RNG seeded by `seed`, leaving the caller's RNG state untouched, so
+    every process (and every rerun) starts from the same weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return make()

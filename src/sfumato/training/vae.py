@@ -43,7 +43,7 @@ from sfumato.training.losses import (
     hinge_d_loss,
     vae_loss,
 )
-from sfumato.training.task import BatchRandom
+from sfumato.training.task import BatchRandom, init_seeded
 
 
 class VAEWithDiscriminator(nn.Module):
@@ -100,7 +100,7 @@ class VAETask:
     disc: a discriminator config, or None for a plain β-VAE.
     disc_start: the step from which the adversarial terms count (ldm: 50,001 for kl-f8).
     disc_weight: w, multiplying the adaptive weight λ (ldm: 0.5).
-    seed: seeds the per-example posterior noise (with the step and the example's index).
+    seed: the initial weights, and (with the step and the example's index) the per-example posterior noise.
     preview_batch: a batch (a dict with "image", or an image tensor) whose reconstructions `preview`
         draws and whose latents set the exported `scaling_factor`; may also be assigned later.
     """
@@ -133,7 +133,7 @@ class VAETask:
         self.preview_batch = preview_batch
 
     def trainable(self) -> VAEWithDiscriminator:
-        return VAEWithDiscriminator(self.vae_config, self.disc)
+        return init_seeded(lambda: VAEWithDiscriminator(self.vae_config, self.disc), self.seed)
 
     # -- objective -------------------------------------------------------------------------------------------
 
