@@ -291,6 +291,12 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _bar(progress: bool | None) -> bool:
+    """Whether to draw a progress bar: as asked, or (None) when stderr is a terminal, as the training loop does;
+    a log file gets no carriage-return frames."""
+    return sys.stderr.isatty() if progress is None else progress
+
+
 def _finished(out: Path) -> bool:
     return (out / "final").is_dir() and any((out / "final").iterdir())
 
@@ -355,7 +361,8 @@ def train_ldm(
     if r.cache:
         from sfumato.data.cache import build_latent_cache
 
-        cache = build_latent_cache(ds, vae_m, text_m, tok, out / "cache", progress=progress is not False)
+        _say(f"[ldm] caching the latents and contexts of {len(ds)} examples in {out / 'cache'}")
+        cache = build_latent_cache(ds, vae_m, text_m, tok, out / "cache", progress=_bar(progress))
     task = LDMTask(unet, vae_m, text_m, tok, schedule, caption_dropout=r.caption_dropout, cache=cache,
                    min_snr_gamma=r.min_snr_gamma, min_snr_floor=r.min_snr_floor, seed=r.train.seed,
                    high_noise_share=r.high_noise_share, high_noise_from=r.high_noise_from,
@@ -388,7 +395,8 @@ def train_expert(
     if r.cache:
         from sfumato.data.cache import build_latent_cache
 
-        cache = build_latent_cache(ds, b.vae, b.text_encoder, b.tokenizer, out / "cache", progress=progress is not False)
+        _say(f"[expert] caching the latents and contexts of {len(ds)} examples in {out / 'cache'}")
+        cache = build_latent_cache(ds, b.vae, b.text_encoder, b.tokenizer, out / "cache", progress=_bar(progress))
     if r.relation_repeat != 1:
         from sfumato.data import Oversampled, states_relation
 
