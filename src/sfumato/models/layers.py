@@ -12,6 +12,7 @@ Nothing here allocates anything but parameters in `__init__`, so every block can
 `torch.device("meta")` and filled with `load_state_dict(..., assign=True)`.
 """
 
+import contextlib
 import math
 
 import torch
@@ -280,11 +281,11 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 # Below this many query-key pairs, attention that trains in bf16 or fp16 on the CPU takes PyTorch's math path:
-# the fused CPU kernel's backward costs a fixed ~10-20 ms per call in bf16 (16 queries x 16 keys: 9.7 ms
-# forward+backward against 1.4 ms for the math path; 64 x 64: 20.4 against 10.6 ms; 128 x 128: 13.1 against
-# 7.3), which made the shapes U-Net train ~17 % slower. From about 32k pairs on the fused kernel wins (256 x
-# 256: 85 against 174 ms), and the math path holds the whole (Tq, Tk) matrix. (torch 2.13, AMD EPYC, 2 cores;
-# benchmarks/attention_backends.py)
+# the fused CPU kernel's backward costs a fixed ~10-20 ms per call in bf16 (batch 64, 4 heads of 32, forward +
+# backward: 16 x 16 keys 9.7 ms against 2.4 on the math path; 64 x 64: 25.3 against 15.3; 128 x 128: 57.7
+# against 37.1), which made a bf16 training step of the shapes U-Net x1.18 slower. From about 32k pairs on the
+# fused kernel wins (256 x 256: 92.6 against 187.9 ms), and the math path holds the whole (Tq, Tk) matrix.
+# (torch 2.13, AMD EPYC with avx512_bf16, 2 threads; benchmarks/attention_backends.py and its README entry)
 MATH_PATH_MAX_PAIRS = 16_384
 
 
@@ -293,16 +294,15 @@ def sdpa(
 ) -> torch.Tensor:
     """`F.scaled_dot_product_attention` on (B, nh, T, hd) tensors, with the backend chosen for speed where
     PyTorch's default is slow (see `MATH_PATH_MAX_PAIRS`); the result is the same softmax(q k^T / sqrt(hd)) v."""
-    if (
+    math_path = (
         q.device.type == "cpu"
         and q.dtype in (torch.bfloat16, torch.float16)
         and torch.is_grad_enabled()
         and (q.requires_grad or k.requires_grad or v.requires_grad)
         and q.shape[-2] * k.shape[-2] <= MATH_PATH_MAX_PAIRS
-    ):
-        with sdpa_kernel(SDPBackend.MATH):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+    )
+    with sdpa_kernel(SDPBackend.MATH) if math_path else contextlib.nullcontext():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
 
 
 def attention(
