@@ -221,17 +221,20 @@ def test_expert_initialised_from_the_base_starts_as_its_copy_and_trains_apart_fr
 @pytest.mark.parametrize("own_encoder", [False, True], ids=["frozen-encoder", "own-encoder"])
 def test_train_expert_stage_writes_a_pair_that_generates(tmp_path, tiny_bundle_path, monkeypatch, own_encoder):
     """The CLI stage; own_encoder: as the shipped recipe runs it (a text encoder of the expert's own, started
-    from the base U-Net, relation captions drawn twice)."""
+    from the base U-Net, relation captions drawn twice); the other variant gives the expert position features
+    the base U-Net lacks (ExpertRecipe.position_freqs)."""
     from sfumato.cli import main
 
     tiny = dataclasses.replace(R.RECIPES["expert"]["tiny"], train_text_encoder=own_encoder,
-                               init_from_base=own_encoder, relation_repeat=2 if own_encoder else 1)  # fmt: skip
+                               init_from_base=own_encoder, relation_repeat=2 if own_encoder else 1,
+                               position_freqs=None if own_encoder else 2)  # fmt: skip
     monkeypatch.setitem(R.RECIPES["expert"], "tiny", tiny)
     out = tmp_path / "expert"
     assert main(["train", "expert", "--preset", "tiny", "--base", str(tiny_bundle_path), "--out", str(out)]) == 0
     pipe = StableDiffusion(load_bundle(out / "final"))
     assert isinstance(pipe.unet, NoiseLevelExperts) and pipe.unet.boundary == R.recipe("expert", "tiny").boundary
     assert pipe.unet.split_context == own_encoder
+    assert (pipe.unet.high.config.position_freqs, pipe.unet.low.config.position_freqs) == (0 if own_encoder else 2, 0)
     assert isinstance(pipe.text_encoder, ExpertTextEncoders) == own_encoder
     assert (out / "final" / "text_encoder_high_noise.safetensors").exists() == own_encoder
     assert pipe.generate("a red circle", steps=3, seed=0)[0].size == (32, 32)

@@ -88,6 +88,7 @@ class ExpertRecipe:
 
     train: TrainConfig
     unet: UNetConfig | None = None  # None: the base U-Net's architecture; channels and context_dim follow the base
+    position_freqs: int | None = None  # the expert's UNetConfig.position_freqs; None: as `unet` (or the base) has it
     mask_padding: bool = True  # cross-attention reads only the prompt's tokens (UNetConfig.mask_padding)
     context_layers: int = 0  # bidirectional layers over the text context (UNetConfig.context_layers)
     # the expert trains a copy of the base's text encoder with it and keeps it (HighNoiseExpertTask)
@@ -209,8 +210,8 @@ RECIPES: dict[str, dict] = {
             TrainConfig(steps=3000, batch_size=64, lr=4e-4, warmup_steps=100, ema_decay=0.998,
                         preview_every=500, checkpoint_every=250, log_every=25, precision="bf16"),
             boundary=550, data_size=30_000,
-            shapes_options={"position_prob": 1.0, "relation_prob": 1.0},
-            train_text_encoder=True, relation_repeat=3,
+            shapes_options={"position_prob": 1.0, "relation_prob": 1.0, "same_color_gap": 0.125},
+            train_text_encoder=True, relation_repeat=3, position_freqs=4,
         ),  # fmt: skip
     },
     # distils the VAE's decoder into a tiny one for live previews (models.preview); minutes on 2 cores
@@ -391,6 +392,8 @@ def train_expert(
     c = b.unet.config
     unet = replace(r.unet or c, context_dim=c.context_dim, in_channels=c.in_channels, out_channels=c.out_channels,
                    mask_padding=r.mask_padding, context_layers=r.context_layers)  # fmt: skip
+    if r.position_freqs is not None:
+        unet = replace(unet, position_freqs=r.position_freqs)
     cache = None
     if r.cache:
         from sfumato.data.cache import build_latent_cache
