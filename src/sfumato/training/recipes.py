@@ -206,6 +206,10 @@ RECIPES: dict[str, dict] = {
         # Session 19: with every relation caption drawn 3 times per epoch (21 % -> 45 % of the examples), an
         # expert started from the base U-Net put the objects of relation prompts in order 96.9 % of the time
         # against 60.4 % for the same run (seed, base) without (docs/shapes-model.md, "Relation order").
+        # Session 21: position features (each transformer's tokens told where they are) and at least 4 px between
+        # objects of one colour in the expert's images. At best of 4 on validation seeds, session 16's experts
+        # with them drew 62-63 of 72 seen count images right against 50-53 for those without (docs/shapes-model.md,
+        # "Counts at best of 4"); alone they had looked no better, because unranked draws kept surplus objects.
         "shapes": ExpertRecipe(  # the base's architecture (shapes-3's: 6.7 M parameters), masked
             TrainConfig(steps=3000, batch_size=64, lr=4e-4, warmup_steps=100, ema_decay=0.998,
                         preview_every=500, checkpoint_every=250, log_every=25, precision="bf16"),
