@@ -401,6 +401,31 @@ def test_ldm_loss_with_cache_equals_without(parts, tmp_path):
         cached.loss(batch, BatchRandom(1, 0, [0, 1]), 0, cached.unet)
 
 
+def test_ldm_latents_follow_the_vae_scale_and_any_cache_serves_it(parts, tmp_path):
+    """z0 is `vae.to_diffusion` of the posterior sample, so per-channel statistics in the VAE's config centre
+    and divide each channel; the cache holds unscaled posteriors, so one built under the plain VAE serves a VAE
+    with the same weights and statistics and gives the z0 of encoding afresh."""
+    data = SolidColours(8)
+    z = parts.vae.config.z_channels
+    mean, std = tuple(0.5 * c - 1 for c in range(z)), tuple(0.5 + c for c in range(z))
+    vae = tiny_bundle().vae
+    vae.load_state_dict(parts.vae.state_dict())
+    vae.config = replace(parts.vae.config, scaling_factor=1.0, latents_mean=mean, latents_std=std)
+    cache = build_latent_cache(data, parts.vae, parts.text_encoder, parts.tokenizer, tmp_path, dataset_id="s8",
+                               progress=False)  # fmt: skip
+    make = lambda v, **kw: LDMTask(UNET_PRESETS["tiny"], v, parts.text_encoder, parts.tokenizer, ScheduleConfig(),
+                                   preview_prompts=("",), preview_seeds=(0,), **kw)  # fmt: skip
+    indices = [0, 3, 5]
+    batch = batch_of(data, indices)
+    with torch.no_grad():
+        plain, fresh, cached = (t.prepare(batch, BatchRandom(1, 0, indices), torch.device("cpu"))["z0"]
+                                for t in (make(parts.vae), make(vae), make(vae, cache=cache)))  # fmt: skip
+    unscaled = plain / parts.vae.config.scaling_factor
+    expected = (unscaled - torch.tensor(mean).view(1, z, 1, 1)) / torch.tensor(std).view(1, z, 1, 1)
+    torch.testing.assert_close(fresh, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cached, fresh, atol=1e-5, rtol=0)
+
+
 # --- pixel-space DDPM -------------------------------------------------------------------------------------
 
 RED, BLUE = torch.tensor([1.0, -1.0, -1.0]), torch.tensor([-1.0, -1.0, 1.0])

@@ -315,6 +315,38 @@ def test_vae_task_learns_to_reconstruct(tmp_path):
     torch.testing.assert_close(task.reconstruct(vae, data[:4]), task.reconstruct(model, data[:4]))
 
 
+def test_vae_export_with_channel_stats_centres_every_channel(tmp_path):
+    """`channel_stats`: the export carries per-channel latents_mean / latents_std (and scaling_factor =
+    channel_scale), so the diffusion latents of the stats images, with the estimate's own noise, have mean 0
+    and std channel_scale in every channel; the weights are the plain export's."""
+    data = smooth_images(32)
+    plain = VAETask(VAE_PRESETS["tiny"], seed=0, preview_batch={"image": data[:8]})
+    task = VAETask(VAE_PRESETS["tiny"], seed=0, preview_batch={"image": data[:8]}, channel_stats=True,
+                   channel_scale=0.5, stats_batch={"image": data})  # fmt: skip
+    model = task.trainable()
+    with torch.no_grad():  # an untrained VAE's channels are not centred: shift them far, as training runs do
+        model.vae.quant_conv.bias[:4] += torch.tensor([3.0, -4.0, 0.5, 2.0])
+    vae = load_model(task.export(model, tmp_path / "stats")[0])
+    c = vae.config
+    assert c.scaling_factor == 0.5 and len(c.latents_mean) == len(c.latents_std) == 4
+    assert model.vae.config.latents_mean is None  # the live model untouched
+    with torch.no_grad():
+        sample = vae.encode(data).sample(torch.Generator().manual_seed(0))  # (32, 4, 8, 8), unscaled
+        z = vae.to_diffusion(sample)
+    per_channel = z.transpose(0, 1).flatten(1)
+    torch.testing.assert_close(per_channel.mean(1), torch.zeros(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(per_channel.std(1), torch.full((4,), 0.5), atol=1e-5, rtol=0)
+    # one factor for all channels leaves the offsets in: some channel's mean is far from 0
+    single = load_model(plain.export(model, tmp_path / "plain")[0])
+    assert single.config.latents_mean is None
+    with torch.no_grad():
+        z1 = single.to_diffusion(single.encode(data).sample(torch.Generator().manual_seed(0)))
+    assert z1.transpose(0, 1).flatten(1).mean(1).abs().max() > 0.5
+    for k, v in single.state_dict().items():
+        assert torch.equal(vae.state_dict()[k], v), k
+    torch.testing.assert_close(vae.from_diffusion(z), sample, atol=1e-5, rtol=1e-5)
+
+
 def test_vae_discriminator_terms_touch_only_their_own_network():
     task, model, batch = vae_case()  # disc_start=1
     vae_params = list(model.vae.parameters())

@@ -7,6 +7,7 @@ diffusers' own ldm converter (`convert_ldm_vae_checkpoint`) and loads strictly i
 
 import copy
 import functools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -103,6 +104,35 @@ def test_presets():
     for config in VAE_PRESETS.values():
         assert vae_config_from_diffusers(vae_config_to_diffusers(config)) == config
     assert vae_config_from_diffusers(CONFIGS["sd-like"]) == VAEConfig(ch=32)
+
+
+def test_latent_scale_plain_and_per_channel():
+    """`to_diffusion`: SD's `scaling_factor * z`; with latents_mean / latents_std, SDXL pipeline's
+    `(z - mean) * scaling_factor / std` per channel; `from_diffusion` inverts either."""
+    z = torch.randn(2, 4, 3, 5, generator=torch.Generator().manual_seed(0))
+    plain = AutoencoderKL(VAE_PRESETS["tiny"])
+    torch.testing.assert_close(plain.to_diffusion(z), VAE_PRESETS["tiny"].scaling_factor * z)
+    torch.testing.assert_close(plain.from_diffusion(plain.to_diffusion(z)), z)
+    mean, std = (1.0, -2.0, 0.5, 3.0), (0.5, 2.0, 1.0, 4.0)
+    config = replace(VAE_PRESETS["tiny"], scaling_factor=0.9, latents_mean=list(mean), latents_std=list(std))
+    assert config.latents_mean == mean  # JSON's lists back to tuples
+    stats = AutoencoderKL(config)
+    expected = torch.stack([(z[:, c] - mean[c]) * 0.9 / std[c] for c in range(4)], dim=1)
+    torch.testing.assert_close(stats.to_diffusion(z), expected)
+    torch.testing.assert_close(stats.from_diffusion(expected), z)
+    low = stats.to_diffusion(z.bfloat16())  # in the latents' dtype
+    assert low.dtype == torch.bfloat16 and (low.float() - expected).abs().max() < 0.05
+    # diffusers' own fields: its AutoencoderKL takes them, and they come back
+    cfg = vae_config_to_diffusers(config)
+    assert list(DiffusersAutoencoderKL(**cfg).config.latents_std) == list(std)
+    assert vae_config_from_diffusers(cfg) == config
+    assert vae_config_to_diffusers(VAE_PRESETS["sd"])["latents_mean"] is None
+    with pytest.raises(ValueError, match="set both or neither"):
+        replace(VAE_PRESETS["tiny"], latents_mean=mean)
+    with pytest.raises(ValueError, match="3 values for z_channels=4"):
+        replace(VAE_PRESETS["tiny"], latents_mean=mean[:3], latents_std=std[:3])
+    with pytest.raises(ValueError, match="latents_std must be positive"):
+        replace(VAE_PRESETS["tiny"], latents_mean=mean, latents_std=(1.0, 0.0, 1.0, 1.0))
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -36,7 +36,7 @@ def main() -> None:
     text = {}
 
     def similarity(x0: torch.Tensor) -> torch.Tensor:
-        image = pipe.vae.decode(x0 / pipe.scaling_factor)  # (B, 3, 32, 32) in [-1, 1]
+        image = pipe.vae.decode(pipe.vae.from_diffusion(x0))  # (B, 3, 32, 32) in [-1, 1]
         features = F.normalize(clip.model.encode_image(((image.clamp(-1, 1) + 1) / 2 - mean) / std), dim=-1)
         return (features @ text["features"].T).squeeze(-1)  # (B,)
 

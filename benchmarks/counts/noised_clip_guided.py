@@ -91,7 +91,7 @@ def train(out: Path, steps: int = 1000) -> None:
         half = torch.randint(0, len(counted), (B // 2,), generator=g).tolist()
         idx = [counted[i] for i in half] + torch.randint(0, n_train, (B - B // 2,), generator=g).tolist()
         b = cache.get(idx)
-        z = cache.scaling_factor * (b.mean + b.std * torch.randn(b.mean.shape, generator=g))
+        z = shipped.vae.to_diffusion(b.mean + b.std * torch.randn(b.mean.shape, generator=g))
         t = torch.randint(0, 999, (B,), generator=g)
         a = abar[t].view(B, 1, 1, 1)
         x = a.sqrt() * z + (1 - a).sqrt() * torch.randn(z.shape, generator=g)
@@ -121,7 +121,7 @@ def train(out: Path, steps: int = 1000) -> None:
     model.eval()
     held = [i for i in range(n_train, len(cache)) if caps[i].startswith("two ")]
     b = cache.get(held)
-    z = cache.scaling_factor * b.mean
+    z = shipped.vae.to_diffusion(b.mean)
     with torch.no_grad():
         for tt in (0, 200, 400, 550, 700, 850, 950):
             a = abar[tt]

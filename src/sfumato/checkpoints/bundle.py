@@ -1,7 +1,8 @@
 """A model bundle: everything text-to-image needs, as a folder of native files.
 
     unet.safetensors           native U-Net (config in the metadata)
-    vae.safetensors            native VAE (its scaling_factor is part of its config)
+    vae.safetensors            native VAE (its latent scale, `scaling_factor` and any per-channel
+                               `latents_mean` / `latents_std`, is part of its config)
     text_encoder.safetensors   native CLIP text tower
     tokenizer/                 vocab.json + merges.txt + tokenizer_config.json (CLIPTokenizer.save)
     preview_decoder.safetensors  optional: a tiny decoder for live previews (`models.preview`)

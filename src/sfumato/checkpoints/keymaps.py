@@ -435,8 +435,6 @@ _VAE_FIXED = {
     "use_quant_conv": True,
     "use_post_quant_conv": True,
     "mid_block_add_attention": True,
-    "latents_mean": None,
-    "latents_std": None,
     "shift_factor": None,
 }
 _VAE_IGNORED = {
@@ -453,7 +451,7 @@ def vae_config_from_diffusers(cfg: dict) -> VAEConfig:
     """Our VAEConfig from the fields of a diffusers `AutoencoderKL` config.json."""
     known = {
         "in_channels", "out_channels", "block_out_channels", "down_block_types", "up_block_types",
-        "layers_per_block", "latent_channels", "scaling_factor",
+        "layers_per_block", "latent_channels", "scaling_factor", "latents_mean", "latents_std",
     }  # fmt: skip
     unknown = set(cfg) - known - set(_VAE_FIXED) - _VAE_IGNORED
     if unknown:
@@ -476,6 +474,8 @@ def vae_config_from_diffusers(cfg: dict) -> VAEConfig:
         num_res_blocks=cfg.get("layers_per_block", 1),
         z_channels=cfg.get("latent_channels", 4),
         scaling_factor=cfg.get("scaling_factor", 0.18215),
+        latents_mean=cfg.get("latents_mean"),
+        latents_std=cfg.get("latents_std"),
     )
 
 
@@ -491,6 +491,8 @@ def vae_config_to_diffusers(c: VAEConfig) -> dict:
         "layers_per_block": c.num_res_blocks,
         "latent_channels": c.z_channels,
         "scaling_factor": c.scaling_factor,
+        "latents_mean": None if c.latents_mean is None else list(c.latents_mean),
+        "latents_std": None if c.latents_std is None else list(c.latents_std),
     }
 
 

@@ -1,6 +1,7 @@
 """A disk cache of VAE posteriors and text embeddings, so latent-diffusion training encodes each image once.
 
-Latent diffusion trains the U-Net on ``z = scaling_factor · (μ + σ ε)``, a sample of the frozen VAE's posterior
+Latent diffusion trains the U-Net on ``z = scaling_factor · (μ + σ ε)`` (or the per-channel form of
+`AutoencoderKL.to_diffusion`), a sample of the frozen VAE's posterior
 q(z | x) (Rombach et al. 2022, sec. 3), and on the frozen text encoder's embedding of the caption. Both
 encoders are frozen, so their outputs for a given image and caption never change, and re-running them every
 epoch is wasted work (most of a step's time for a small U-Net behind the SD VAE).
@@ -120,6 +121,17 @@ def cache_key(
 # --- the cache ----------------------------------------------------------------------------------------
 
 
+LATENT_SCALE = ("scaling_factor", "latents_mean", "latents_std")
+
+
+def latent_scale(vae_config) -> dict:
+    """The fields of a VAE config that map its latents to diffusion latents, as the manifest stores them
+    (JSON: tuples as lists, None for a VAE without per-channel statistics)."""
+    out = {name: getattr(vae_config, name) for name in LATENT_SCALE}
+    out["scaling_factor"] = float(out["scaling_factor"])
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
 def thumbnails(images: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) -> (B, 3, 4, 4) float32 cell averages: a cheap fingerprint of each image."""
     return F.adaptive_avg_pool2d(images.detach().float(), THUMB)
@@ -128,7 +140,7 @@ def thumbnails(images: torch.Tensor) -> torch.Tensor:
 @dataclass
 class CachedBatch:
     mean: torch.Tensor  # (B, z, h, w) posterior mean of the *unscaled* latent
-    std: torch.Tensor  # (B, z, h, w) posterior std; a latent sample is scaling_factor * (mean + std * eps)
+    std: torch.Tensor  # (B, z, h, w) posterior std; a latent sample is vae.to_diffusion(mean + std * eps)
     context: torch.Tensor  # (B, T, D) text_encoder(tokenizer(caption)).last_hidden_state
     captions: list[str]  # the captions the contexts were computed from
     thumb: torch.Tensor  # (B, 3, 4, 4) thumbnails of the images the posteriors were computed from
@@ -150,6 +162,9 @@ class LatentCache:
         self.size = int(self.manifest["size"])
         self.shard_size = int(self.manifest["shard_size"])
         self.scaling_factor = float(self.manifest["scaling_factor"])
+        # the builder's latent scale, for the record: the shards hold unscaled posteriors, so a VAE with the same
+        # weights and another scale (`AutoencoderKL.to_diffusion`) uses them as they are
+        self.latent_scale = {name: self.manifest.get(name) for name in LATENT_SCALE}
         self._shards: dict[int, tuple[object, list[str]]] = {}
 
     def __len__(self) -> int:
@@ -269,7 +284,6 @@ def build_latent_cache(
         bar.close()
     finally:
         vae.train(was_training[0]), text_encoder.train(was_training[1])
-    manifest = {"key": key, "size": n, "shard_size": shard_size, "dtype": str(dtype),
-                "scaling_factor": float(vae.config.scaling_factor)}  # fmt: skip
+    manifest = {"key": key, "size": n, "shard_size": shard_size, "dtype": str(dtype), **latent_scale(vae.config)}
     write_text_atomic(folder / "manifest.json", json.dumps(manifest, indent=2))
     return LatentCache(folder)

@@ -16,7 +16,10 @@ the decoder runs it last; that is ldm's layout and its checkpoints'.
 
 Latent scale: `encode` and `decode` work on *unscaled* latents. The diffusion model was trained on
 `config.scaling_factor * z` (0.18215 for SD, chosen to give the latents unit variance), so a pipeline
-does `z = scaling_factor * vae.encode(x).sample()` and `x = vae.decode(z / scaling_factor)`.
+does `z = scaling_factor * vae.encode(x).sample()` and `x = vae.decode(z / scaling_factor)`. A VAE whose
+config has per-channel `latents_mean` and `latents_std` (diffusers' fields of the same names, as SDXL's
+pipeline reads them) gives the diffusion model `(z - latents_mean) * scaling_factor / latents_std` instead,
+every channel centred: `to_diffusion` and `from_diffusion` apply whichever the config asks for.
 """
 
 from dataclasses import dataclass
@@ -38,9 +41,23 @@ class VAEConfig:
     z_channels: int = 4  # latent channels (ldm's z_channels and embed_dim, equal in every SD VAE)
     scaling_factor: float = 0.18215  # multiplies latents before diffusion, see the module docstring
     dropout: float = 0.0  # dropout inside the ResnetBlocks (0 in SD)
+    # per-channel statistics subtracted and divided out before diffusion (None: SD's plain scaling)
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
 
     def __post_init__(self):
         self.ch_mult = tuple(self.ch_mult)  # JSON brings tuples back as lists
+        if (self.latents_mean is None) != (self.latents_std is None):
+            raise ValueError("latents_mean and latents_std come together; set both or neither")
+        if self.latents_mean is not None:
+            self.latents_mean = tuple(float(v) for v in self.latents_mean)
+            self.latents_std = tuple(float(v) for v in self.latents_std)
+            for name in ("latents_mean", "latents_std"):
+                if len(getattr(self, name)) != self.z_channels:
+                    raise ValueError(f"{name} has {len(getattr(self, name))} values for z_channels={self.z_channels}; "
+                                     "give one per latent channel")  # fmt: skip
+            if min(self.latents_std) <= 0:
+                raise ValueError(f"latents_std must be positive, got {self.latents_std}")
 
     @property
     def downsample_factor(self) -> int:
@@ -193,8 +210,33 @@ class AutoencoderKL(nn.Module):
             )
         return DiagonalGaussian(self.quant_conv(self.encoder(x)))  # (B, 2z, H/f, W/f)
 
+    def _latent_stats(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        c = self.config
+        if c.latents_mean is None:
+            return None
+        shape = (1, -1) + (1,) * (z.ndim - 2)  # broadcast over channels (dim 1)
+        return (torch.tensor(c.latents_mean, device=z.device, dtype=z.dtype).view(shape),
+                torch.tensor(c.latents_std, device=z.device, dtype=z.dtype).view(shape))  # fmt: skip
+
+    def to_diffusion(self, z: torch.Tensor) -> torch.Tensor:
+        """Diffusion latents from unscaled latents z (B, z, h, w): `scaling_factor * z`, or with per-channel
+        statistics `(z - latents_mean) * scaling_factor / latents_std`."""
+        stats = self._latent_stats(z)
+        if stats is None:
+            return z * self.config.scaling_factor
+        mean, std = stats
+        return (z - mean) * (self.config.scaling_factor / std)
+
+    def from_diffusion(self, latents: torch.Tensor) -> torch.Tensor:
+        """The inverse of `to_diffusion`: unscaled latents, what `decode` takes."""
+        stats = self._latent_stats(latents)
+        if stats is None:
+            return latents / self.config.scaling_factor
+        mean, std = stats
+        return latents * (std / self.config.scaling_factor) + mean
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Images (about [-1, 1]) from *unscaled* latents: divide diffusion latents by scaling_factor."""
+        """Images (about [-1, 1]) from *unscaled* latents: diffusion latents through `from_diffusion` first."""
         if z.ndim != 4 or z.shape[1] != self.config.z_channels:
             raise ValueError(f"expected latents (B, {self.config.z_channels}, h, w), got {tuple(z.shape)}")
         return self.decoder(self.post_quant_conv(z))

@@ -430,12 +430,12 @@ class StableDiffusion:
         else:
             noise = _randn(tuple(post.mean.shape), generators).to(post.mean)
             z = post.mean + post.std * noise
-        return z * self.scaling_factor
+        return self.vae.to_diffusion(z)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        """PIL images from diffusion latents (scaled by the VAE's scaling factor)."""
-        z = latents.to(self.device, self.dtype) / self.scaling_factor
+        """PIL images from diffusion latents (the VAE's `to_diffusion` scale)."""
+        z = self.vae.from_diffusion(latents.to(self.device, self.dtype))
         if self.vae_tile is not None:
             x = self.vae.decode_tiled(z, self.vae_tile, self.vae_tile // 4)
         else:
@@ -449,7 +449,7 @@ class StableDiffusion:
         VAE decoder), else the full `decode`."""
         if self.preview_decoder is None:
             return self.decode(latents)
-        z = latents.to(self.device, self.dtype) / self.scaling_factor
+        z = self.vae.from_diffusion(latents.to(self.device, self.dtype))
         return tensor_to_images(self.preview_decoder(z).float().cpu())
 
     def _load_images(self, image, n: int, size: tuple[int, int] | None) -> tuple[torch.Tensor, tuple[int, int]]:

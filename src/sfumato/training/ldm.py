@@ -9,7 +9,8 @@ One step of `LDMTask.loss`, per example i of the batch (all random numbers from 
        (T_h = `high_noise_from`) when v_i < s, else U{0, ..., T-1}. With `layout_steps` L, that holds for
        steps < L; from step L on the same numbers are drawn and t_i is the U{0, ..., T-1} draw.
        With `low_noise_until` T_l, t_i ~ U{0, ..., T_l-1} instead (the low expert of `NoiseLevelExperts`)
-    3. e_i ~ N(0, I): the VAE posterior sample z0 = scaling_factor · (μ(x) + σ(x) e_i)   (frozen VAE)
+    3. e_i ~ N(0, I): the VAE posterior sample z0 = scaling_factor · (μ(x) + σ(x) e_i)   (frozen VAE; with
+       per-channel statistics, `AutoencoderKL.to_diffusion` of μ(x) + σ(x) e_i)
     4. n_i ~ N(0, I): the diffusion noise; x_t = sqrt(ᾱ_t) z0 + sqrt(1 - ᾱ_t) n_i
     loss_i = |U-Net(x_t, t, context_i) - target|², target = n_i (eps) or v (Salimans & Ho 2022)
 
@@ -287,11 +288,6 @@ class LDMTask:
                     f"low_noise_until={low_noise_until} and high_noise_share={high_noise_share} ask for opposite "
                     "timestep ranges; a low-noise expert takes no high-noise share"
                 )
-        if cache is not None and abs(cache.scaling_factor - vae.config.scaling_factor) > 1e-12:
-            raise ValueError(
-                f"the cache was built with scaling_factor {cache.scaling_factor}, the VAE has "
-                f"{vae.config.scaling_factor}; rebuild the cache for this VAE"
-            )
         self.unet = unet
         self.vae = freeze(vae)
         self.text = TextContexts(text_encoder, tokenizer)
@@ -384,7 +380,7 @@ class LDMTask:
                 mean, std = posterior.mean.float(), posterior.std.float()
                 if self.joint is None:
                     cond["context"] = self.text.contexts(captions, drop, device)
-            z0 = (mean + std * posterior_eps) * self.vae.config.scaling_factor
+            z0 = self.vae.to_diffusion(mean + std * posterior_eps)
         if "context" in cond and ids is not None:
             cond["context_mask"] = prompt_mask(ids, self.text.tokenizer.eos_token_id)
         return {"z0": z0, "t": t, "noise": noise, "drop": drop, **cond}

@@ -102,7 +102,16 @@ class VAETask:
     disc_weight: w, multiplying the adaptive weight λ (ldm: 0.5).
     seed: the initial weights, and (with the step and the example's index) the per-example posterior noise.
     preview_batch: a batch (a dict with "image", or an image tensor) whose reconstructions `preview`
-        draws and whose latents set the exported `scaling_factor`; may also be assigned later.
+        draws and whose latents set the exported `scaling_factor` (unless `stats_batch` is given); may also
+        be assigned later.
+    channel_stats: export per-channel `latents_mean` and `latents_std`, and `scaling_factor` = `channel_scale`,
+        so that every channel of the diffusion latents is centred and has std `channel_scale`
+        (`AutoencoderKL.to_diffusion`), instead of SD's single factor 1 / std. A small VAE's channels can
+        settle far from zero (means of -4 to +4 against within-channel stds near 1 in this project's runs);
+        a single factor then leaves that offset in the latents, and its size, which differs from run to run,
+        sets how much of the diffusion model's unit variance is image content.
+    channel_scale: the std of every channel of the diffusion latents with `channel_stats`.
+    stats_batch: the images to estimate the exported statistics on (default the preview batch).
     """
 
     name = "vae"
@@ -118,6 +127,9 @@ class VAETask:
         disc_weight: float = 0.5,
         seed: int = 0,
         preview_batch: dict | torch.Tensor | None = None,
+        channel_stats: bool = False,
+        channel_scale: float = 1.0,
+        stats_batch: dict | torch.Tensor | None = None,
     ):
         if recon not in ("l1", "l2"):
             raise ValueError(f"recon must be 'l1' or 'l2', got {recon!r}")
@@ -131,6 +143,11 @@ class VAETask:
         self.disc_weight = disc_weight
         self.seed = seed
         self.preview_batch = preview_batch
+        if channel_scale <= 0:
+            raise ValueError(f"channel_scale must be > 0, got {channel_scale}")
+        self.channel_stats = channel_stats
+        self.channel_scale = channel_scale
+        self.stats_batch = stats_batch
 
     def trainable(self) -> VAEWithDiscriminator:
         return init_seeded(lambda: VAEWithDiscriminator(self.vae_config, self.disc), self.seed)
@@ -188,6 +205,10 @@ class VAETask:
         b = self.preview_batch
         return b["image"] if isinstance(b, dict) else b
 
+    def _stats_images(self) -> torch.Tensor | None:
+        b = self.stats_batch if self.stats_batch is not None else self.preview_batch
+        return b["image"] if isinstance(b, dict) else b
+
     @torch.no_grad()
     def reconstruct(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """Deterministic reconstructions decode(mode(encode(x))) of images (B, 3, H, W) in [-1, 1]."""
@@ -216,29 +237,51 @@ class VAETask:
         `LatentDiffusion.on_train_batch_start`: 1 / z.flatten().std() of posterior samples); for SD's kl-f8
         this is the 0.18215 in every SD config. The noise comes from a CPU generator seeded with `seed`.
         """
+        return float(1.0 / self._posterior_samples(model, batches, seed).std())
+
+    @torch.no_grad()
+    def estimate_latent_stats(
+        self, model: nn.Module, batches: Iterable, seed: int = 0
+    ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel mean and std of posterior samples over the given batches: the `latents_mean` and
+        `latents_std` that make each channel of the diffusion latents zero-mean and of unit variance."""
+        z = self._posterior_samples(model, batches, seed)  # (N, z, h, w)
+        z = z.transpose(0, 1).flatten(1)  # (z, N h w)
+        return tuple(z.mean(1).tolist()), tuple(z.std(1).tolist())
+
+    def _posterior_samples(self, model: nn.Module, batches: Iterable, seed: int) -> torch.Tensor:
         vae = _bare(model).vae if not isinstance(model, AutoencoderKL) else model
         device = next(vae.parameters()).device
         g = torch.Generator().manual_seed(seed)
         zs = []
         for b in batches:
             x = b["image"] if isinstance(b, dict) else b
-            zs.append(vae.encode(x.to(device)).sample(g).float().flatten().cpu())
+            zs.append(vae.encode(x.to(device)).sample(g).float().cpu())
         if not zs:
-            raise ValueError("estimate_scaling_factor needs at least one batch of images")
-        return float(1.0 / torch.cat(zs).std())
+            raise ValueError("estimating the latent scale needs at least one batch of images")
+        return torch.cat(zs)
 
     def export(self, model: nn.Module, folder) -> list[Path]:
-        """`vae.safetensors`: the bare AutoencoderKL, native format. Its config's `scaling_factor` is
-        re-estimated on the preview batch when there is one (`estimate_scaling_factor`), else kept."""
+        """`vae.safetensors`: the bare AutoencoderKL, native format. Its config's latent scale is
+        re-estimated on the stats (else the preview) batch when there is one, else kept: `scaling_factor`
+        (`estimate_scaling_factor`) or, with `channel_stats`, per-channel statistics (`estimate_latent_stats`)."""
         vae = _bare(model).vae
         config = vae.config
-        images = self._preview_images()
+        images = self._stats_images()
         if images is not None:
-            vae.config = replace(config, scaling_factor=self.estimate_scaling_factor(vae, [images]))
+            vae.config = self.exported_config(vae, images)
         try:
             return [save_model(vae, Path(folder) / "vae.safetensors")]
         finally:
             vae.config = config
+
+    def exported_config(self, vae: AutoencoderKL, images: torch.Tensor) -> VAEConfig:
+        """`vae`'s config with the latent scale estimated on `images`, as `export` writes it."""
+        if self.channel_stats:
+            mean, std = self.estimate_latent_stats(vae, [images])
+            return replace(vae.config, scaling_factor=self.channel_scale, latents_mean=mean, latents_std=std)
+        return replace(vae.config, scaling_factor=self.estimate_scaling_factor(vae, [images]),
+                       latents_mean=None, latents_std=None)  # fmt: skip
 
 
 def image_grid(rows: list[torch.Tensor], pad: int = 2) -> Image.Image:
