@@ -9,7 +9,7 @@ import os
 import pickle
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from types import SimpleNamespace
 
 import pytest
@@ -292,6 +292,11 @@ def test_diffusers_round_trip_and_pipeline_parity(tok, tmp_path):
     save_bundle(bundle, tmp_path / "bundle")
     bundle = load_bundle(tmp_path / "bundle")
     save_diffusers(bundle, tmp_path / "out")  # writes vocab.json + merges.txt
+    centred = load_bundle(tmp_path / "bundle")
+    z = centred.vae.config.z_channels
+    centred.vae.config = replace(centred.vae.config, latents_mean=(0.0,) * z, latents_std=(1.0,) * z)
+    with pytest.raises(ValueError, match="does not read"):  # diffusers' SD pipeline would decode it wrong
+        save_diffusers(centred, tmp_path / "centred")
 
     # identical tensors: diffusers -> bundle -> diffusers
     for file in COMPONENT_FILES.values():

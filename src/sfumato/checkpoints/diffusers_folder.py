@@ -279,6 +279,11 @@ def save_diffusers(bundle: Bundle, directory: str | Path, *, sample_size: int | 
             "this model has two U-Nets split by noise level (unet_high_noise.safetensors), and diffusers' "
             "StableDiffusionPipeline runs one; keep it as an sfumato bundle"
         )
+    if bundle.vae.config.latents_mean is not None:
+        raise ValueError(
+            "this model's VAE centres its latents per channel (latents_mean / latents_std), which diffusers' "
+            "StableDiffusionPipeline does not read (its SDXL pipeline does); keep it as an sfumato bundle"
+        )
     d = Path(directory)
     unet_c, vae_c, text_c = bundle.unet.config, bundle.vae.config, bundle.text_encoder.config
     if sample_size is None:
