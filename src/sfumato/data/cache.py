@@ -121,17 +121,6 @@ def cache_key(
 # --- the cache ----------------------------------------------------------------------------------------
 
 
-LATENT_SCALE = ("scaling_factor", "latents_mean", "latents_std")
-
-
-def latent_scale(vae_config) -> dict:
-    """The fields of a VAE config that map its latents to diffusion latents, as the manifest stores them
-    (JSON: tuples as lists, None for a VAE without per-channel statistics)."""
-    out = {name: getattr(vae_config, name) for name in LATENT_SCALE}
-    out["scaling_factor"] = float(out["scaling_factor"])
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
-
-
 def thumbnails(images: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) -> (B, 3, 4, 4) float32 cell averages: a cheap fingerprint of each image."""
     return F.adaptive_avg_pool2d(images.detach().float(), THUMB)
@@ -161,10 +150,6 @@ class LatentCache:
         self.manifest = json.loads(manifest.read_text())
         self.size = int(self.manifest["size"])
         self.shard_size = int(self.manifest["shard_size"])
-        self.scaling_factor = float(self.manifest["scaling_factor"])
-        # the builder's latent scale, for the record: the shards hold unscaled posteriors, so a VAE with the same
-        # weights and another scale (`AutoencoderKL.to_diffusion`) uses them as they are
-        self.latent_scale = {name: self.manifest.get(name) for name in LATENT_SCALE}
         self._shards: dict[int, tuple[object, list[str]]] = {}
 
     def __len__(self) -> int:
@@ -284,6 +269,8 @@ def build_latent_cache(
         bar.close()
     finally:
         vae.train(was_training[0]), text_encoder.train(was_training[1])
-    manifest = {"key": key, "size": n, "shard_size": shard_size, "dtype": str(dtype), **latent_scale(vae.config)}
+    # no latent scale: the shards hold unscaled posteriors, which any scale of these VAE weights uses as they are
+    # (`AutoencoderKL.to_diffusion`); manifests written before session 22 carry a scaling_factor, unread
+    manifest = {"key": key, "size": n, "shard_size": shard_size, "dtype": str(dtype)}
     write_text_atomic(folder / "manifest.json", json.dumps(manifest, indent=2))
     return LatentCache(folder)
