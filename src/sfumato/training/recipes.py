@@ -215,16 +215,17 @@ RECIPES: dict[str, dict] = {
         # Session 19: with every relation caption drawn 3 times per epoch (21 % -> 45 % of the examples), an
         # expert started from the base U-Net put the objects of relation prompts in order 96.9 % of the time
         # against 60.4 % for the same run (seed, base) without (docs/shapes-model.md, "Relation order").
-        # Tried in session 21 and not kept: position_freqs=4 and same_color_gap=0.125 on top of this. Session 16's
-        # experts with them drew 62-63 of 72 seen count images right at best of 4 (validation seeds) against 50-53
-        # for the experts since, but a whole run of the recipe with them (pipeline21, 73 min) scored seen shape
-        # 74.8 %, relations 42.7 %, counts 48 of 72 (docs/shapes-model.md, "Counts at best of 4").
+        # Counts (session 23): position_freqs=4 (Fourier features of each pixel's place, added to the tokens of
+        # the transformer blocks) and same_color_gap=0.125 (same-coloured objects of a caption drawn apart, so
+        # "two red circles" is never one merged blob). Session 21 put them on pipeline21's U-Net, whose uncentred
+        # latents sank everything; on pipeline22's centred U-Net the same expert drew 59 of 72 seen counts against
+        # 53 without, relations 100 % (docs/shapes-model.md, "Centred latents (session 22)").
         "shapes": ExpertRecipe(  # the base's architecture (shapes-3's: 6.7 M parameters), masked
             TrainConfig(steps=3000, batch_size=64, lr=4e-4, warmup_steps=100, ema_decay=0.998,
                         preview_every=500, checkpoint_every=250, log_every=25, precision="bf16"),
             boundary=550, data_size=30_000,
-            shapes_options={"position_prob": 1.0, "relation_prob": 1.0},
-            train_text_encoder=True, relation_repeat=3,
+            shapes_options={"position_prob": 1.0, "relation_prob": 1.0, "same_color_gap": 0.125},
+            train_text_encoder=True, relation_repeat=3, position_freqs=4,
         ),  # fmt: skip
     },
     # distils the VAE's decoder into a tiny one for live previews (models.preview); minutes on 2 cores
