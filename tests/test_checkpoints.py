@@ -25,6 +25,7 @@ from diffusers.loaders.single_file_utils import (
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import sfumato
 from sfumato.checkpoints.atomic import replacing, write_text_atomic
 from sfumato.checkpoints.bundle import Bundle, ScheduleConfig, load_bundle, save_bundle
 from sfumato.checkpoints.clip_keys import to_openai_clip
@@ -42,6 +43,7 @@ from sfumato.diffusion.schedules import alphas_cumprod, scaled_linear_betas
 from sfumato.models.clip import PRESETS, TEXT_PRESETS, CLIPTextConfig, CLIPTextModel
 from sfumato.models.unet import UNet, UNetConfig
 from sfumato.models.vae import VAE_PRESETS, AutoencoderKL, VAEConfig
+from sfumato.pipelines.metadata import model_hash
 from sfumato.text.tokenizer import CLIPTokenizer, train_bpe
 
 TOL = 1e-4
@@ -113,6 +115,28 @@ def test_native_round_trip(kind, tmp_path):
     same_tensors(model.state_dict(), loaded.state_dict())
     half = load_model(path, dtype=torch.float16)
     assert all(p.dtype == torch.float16 for p in half.parameters())
+
+
+def test_the_same_model_always_saves_to_the_same_bytes(tmp_path):
+    """safetensors orders the metadata keys by a hash map's randomly seeded order, so two saves of one model
+    could differ in bytes and in their model hash ("Model hash" in PNG parameters, eval reports); the saved
+    header keeps its keys sorted, and the file still reads back."""
+    model = randomize_(NATIVE["vae"]())
+    extra = {f"key{i}": str(i) for i in range(6)}  # more keys: more orders a hash map could pick
+    blobs = set()
+    for i in range(8):
+        path = save_model(model, tmp_path / f"{i}.safetensors", extra=extra)
+        blobs.add(path.read_bytes())
+    assert len(blobs) == 1
+    (blob,) = blobs
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + n])
+    keys = list(header["__metadata__"])
+    assert list(header)[0] == "__metadata__" and keys == sorted(keys)
+    config = json.dumps(asdict(model.config))
+    assert read_metadata(path) == {**extra, "sfumato": sfumato.__version__, "kind": "vae", "config": config}
+    same_tensors(model.state_dict(), load_model(tmp_path / "7.safetensors").state_dict())
+    assert model_hash(tmp_path / "0.safetensors") == model_hash(tmp_path / "7.safetensors")
 
 
 def test_saved_files_get_the_usual_permissions_and_a_failed_write_leaves_nothing(tmp_path):

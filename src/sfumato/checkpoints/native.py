@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import struct
 from dataclasses import asdict
 from pathlib import Path
 
@@ -81,10 +82,34 @@ def save_model(
     return path
 
 
-def save_tensors(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
-    """`safetensors.torch.save_file` through `replacing`."""
+def save_tensors(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None) -> None:
+    """`write_safetensors` through `replacing`."""
     with replacing(path) as tmp:
-        save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata)
+        write_safetensors(state, tmp, metadata)
+
+
+def write_safetensors(
+    state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None
+) -> None:
+    """`safetensors.torch.save_file`, then the header's metadata keys put in sorted order.
+
+    safetensors serialises the metadata from a hash map with a random seed, so the same tensors and metadata
+    would give files whose bytes, and so whose model hash, differ from save to save. The header is rewritten
+    in place: the same JSON with the keys reordered has the same length, and the tensors' offsets count from
+    the end of the header, so no tensor byte moves.
+    """
+    save_file({k: v.contiguous() for k, v in state.items()}, path, metadata=metadata)
+    if not metadata or len(metadata) < 2:
+        return
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))  # keeps its place: first
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > n:  # not with serde_json's compact output; if it did, keep safetensors' valid header
+            return
+        f.seek(8)
+        f.write(text.ljust(n, b" "))  # safetensors pads its header with spaces too
 
 
 def unshare_storage(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -32,11 +32,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from sfumato.checkpoints.atomic import write_text_atomic
-from sfumato.checkpoints.native import unshare_storage
+from sfumato.checkpoints.native import unshare_storage, write_safetensors
 from sfumato.data import collate
 from sfumato.training.task import BatchRandom, Task, example_seed
 
@@ -279,14 +279,14 @@ def _save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     meta = {"step": str(step), "task": task.name}
-    save_file(_state_dict(model), tmp / "model.safetensors", metadata=meta)
+    write_safetensors(_state_dict(model), tmp / "model.safetensors", meta)
     if ema is not None:
-        save_file(_state_dict(ema), tmp / "ema.safetensors", metadata=meta)
+        write_safetensors(_state_dict(ema), tmp / "ema.safetensors", meta)
     torch.save(opt.state_dict(), tmp / "optimizer.pt")  # tensors, numbers and tuples: weights_only loads it
     if scaler is not None:
         torch.save(scaler.state_dict(), tmp / "scaler.pt")
     rng = {f"rank{r}.{k}": v for r, s in enumerate(rng_states) for k, v in s.items()}
-    save_file(rng, tmp / "rng.safetensors")
+    write_safetensors(rng, tmp / "rng.safetensors", None)
     state = {"step": step, "task": task.name, "config": asdict(cfg), "world_size": len(rng_states), **extra}
     (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")  # written last: marks completeness
     for f in tmp.iterdir():
