@@ -216,10 +216,11 @@ RECIPES: dict[str, dict] = {
         # expert started from the base U-Net put the objects of relation prompts in order 96.9 % of the time
         # against 60.4 % for the same run (seed, base) without (docs/shapes-model.md, "Relation order").
         # Counts (session 23): position_freqs=4 (Fourier features of each pixel's place, added to the tokens of
-        # the transformer blocks) and same_color_gap=0.125 (same-coloured objects of a caption drawn apart, so
-        # "two red circles" is never one merged blob). Session 21 put them on pipeline21's U-Net, whose uncentred
-        # latents sank everything; on pipeline22's centred U-Net the same expert drew 59 of 72 seen counts against
-        # 53 without, relations 100 % (docs/shapes-model.md, "Centred latents (session 22)").
+        # the transformer blocks) and same_color_gap=0.125 (4 px of background between two objects of one colour,
+        # so no training image shows them touching, as one region). On pipeline21's uncentred latents this expert
+        # lost shapes and relations as the recipe's did; on pipeline22's centred U-Net it drew 59 of 72 seen
+        # counts against 53, relations 100 %, and a whole run with it (pipeline23) ships (docs/shapes-model.md,
+        # "Counts in the recipe").
         "shapes": ExpertRecipe(  # the base's architecture (shapes-3's: 6.7 M parameters), masked
             TrainConfig(steps=3000, batch_size=64, lr=4e-4, warmup_steps=100, ema_decay=0.998,
                         preview_every=500, checkpoint_every=250, log_every=25, precision="bf16"),
