@@ -565,6 +565,8 @@ class _Payload:
         return (open, (self.path, "w"))
 
 
+# the hand-written file is a raw protocol-4 pickle, which torch's weights-only unpickler warns about before refusing
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol 4:UserWarning")
 def test_pickle_with_code_is_refused_not_run(tmp_path):
     marker = tmp_path / "pwned"
     with open(tmp_path / "evil.ckpt", "wb") as f:
