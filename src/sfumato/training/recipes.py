@@ -215,12 +215,12 @@ RECIPES: dict[str, dict] = {
         # Session 19: with every relation caption drawn 3 times per epoch (21 % -> 45 % of the examples), an
         # expert started from the base U-Net put the objects of relation prompts in order 96.9 % of the time
         # against 60.4 % for the same run (seed, base) without (docs/shapes-model.md, "Relation order").
-        # Counts (session 23): position_freqs=4 (Fourier features of each pixel's place, added to the tokens of
-        # the transformer blocks) and same_color_gap=0.125 (4 px of background between two objects of one colour,
-        # so no training image shows them touching, as one region). On pipeline21's uncentred latents this expert
-        # lost shapes and relations as the recipe's did; on pipeline22's centred U-Net it drew 59 of 72 seen
-        # counts against 53, relations 100 %, and a whole run with it (pipeline23) ships (docs/shapes-model.md,
-        # "Counts in the recipe").
+        # Session 23: position_freqs=4 (Fourier features of each pixel's place, added to the tokens of the
+        # transformer blocks) and same_color_gap=0.125 (4 px of background between two objects of one colour, so no
+        # training image shows them touching, as one region). On pipeline22's centred U-Net this expert drew 59 of
+        # 72 seen counts on the eval's seeds against 53, but on 288 images of fresh seeds 217 against 225: no gain
+        # in seen counts; held-out counts 40 of 48 against 33, seen colour and shape 2 points up on the eval. A
+        # whole run with it (pipeline23) ships (docs/shapes-model.md, "Counts in the recipe").
         "shapes": ExpertRecipe(  # the base's architecture (shapes-3's: 6.7 M parameters), masked
             TrainConfig(steps=3000, batch_size=64, lr=4e-4, warmup_steps=100, ema_decay=0.998,
                         preview_every=500, checkpoint_every=250, log_every=25, precision="bf16"),
