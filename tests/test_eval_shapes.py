@@ -31,10 +31,13 @@ from sfumato.eval.metrics import frechet_distance, frechet_distance_gaussians
 from sfumato.eval.shapes import (
     CRITERIA,
     PROMPT_SET_VERSION,
+    aggregate,
     count_errors,
+    goals,
     prompt_from_attributes,
     prompt_set,
     prompt_set_hash,
+    wilson_interval,
 )
 
 S = 32  # the data set's and the shipped model's image size
@@ -155,6 +158,30 @@ def test_count_errors_tell_too_few_from_too_many():
     e = count_errors(rows)
     for split in ("seen", "heldout"):
         assert e[split] == {"n_images": 4, "right": 2, "too_few": 1, "too_many": 1, "off_by": {"-1": 1, "0": 2, "1": 1}}
+
+
+def test_goals_carry_their_sample_size_and_wilson_interval():
+    """Each goal records how many images it was measured on and the rate's 95 % Wilson interval, which scipy
+    computes too; the closed form gives [0, z^2 / (n + z^2)] for 0 of n. A count rate of 59 of 72 meets 80 %
+    while its interval reaches well below it: the report shows how little one seed set settles."""
+    from scipy.stats import binomtest
+
+    for k, n in [(0, 10), (3, 10), (50, 100), (59, 72), (72, 72), (1, 1)]:
+        ref = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+        assert wilson_interval(k / n, n) == pytest.approx((ref.low, ref.high), abs=1e-4)
+    assert wilson_interval(0.0, 10) == pytest.approx((0.0, 1.96**2 / (10 + 1.96**2)))
+    with pytest.raises(ValueError, match="n must be positive"):
+        wilson_interval(0.5, 0)
+
+    results = [{"category": "count", "heldout": False, "scores": {"count": k < 59, "color": True}, "pass": k < 59}
+               for k in range(72)]  # fmt: skip
+    results += [{"category": "single", "heldout": False, "scores": {"color": True}, "pass": True}] * 8
+    g = goals(aggregate(results))
+    count = g["seen/count"]
+    assert count["n"] == 72 and count["value"] == round(59 / 72, 4) and count["met"] is True
+    assert count["ci95"] == pytest.approx(wilson_interval(59 / 72, 72), abs=1e-4) and count["ci95"][0] < 0.75
+    assert g["seen/color"]["n"] == 80 and g["seen/color"]["ci95"][1] == 1.0
+    assert g["seen/relation"] == {**g["seen/relation"], "value": None, "n": None, "ci95": None, "met": None}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -196,8 +196,10 @@ def _eval_shapes(args: argparse.Namespace) -> int:
     print(format_table(report["rates"]))
     for name, goal in report["goals"].items():
         value = "-" if goal["value"] is None else f"{100 * goal['value']:.1f}%"
+        ci = goal.get("ci95")  # reports written before the interval was recorded have none
+        ci = f" [95% {100 * ci[0]:.0f}-{100 * ci[1]:.0f}%, n={goal['n']}]" if ci else ""
         verdict = {True: "met", False: "NOT met", None: "n/a"}[goal["met"]]
-        print(f"  goal {name:<17} {value:>7} (target {100 * goal['target']:.0f}%, {goal['over']}): {verdict}")
+        print(f"  goal {name:<17} {value:>7}{ci} (target {100 * goal['target']:.0f}%, {goal['over']}): {verdict}")
     for split, e in report.get("count_errors", {}).items():
         print(f"  count prompts, {split}: {e['right']} of {e['n_images']} images right, {e['too_many']} with too many "
               f"objects, {e['too_few']} with too few")  # fmt: skip
