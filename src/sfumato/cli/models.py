@@ -196,7 +196,7 @@ def _eval_shapes(args: argparse.Namespace) -> int:
     print(format_table(report["rates"]))
     for name, goal in report["goals"].items():
         value = "-" if goal["value"] is None else f"{100 * goal['value']:.1f}%"
-        ci = goal.get("ci95")  # reports written before the interval was recorded have none
+        ci = goal["ci95"]  # None where no image was measured
         ci = f" [95% {100 * ci[0]:.0f}-{100 * ci[1]:.0f}%, n={goal['n']}]" if ci else ""
         verdict = {True: "met", False: "NOT met", None: "n/a"}[goal["met"]]
         print(f"  goal {name:<17} {value:>7}{ci} (target {100 * goal['target']:.0f}%, {goal['over']}): {verdict}")
