@@ -18,7 +18,7 @@ from sfumato.training import recipes as R
 def test_train_pipeline_writes_a_model_that_generates(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "pipeline", "--preset", "tiny", "--out", str(out), "--precision", "bf16"]) == 0
-    for stage in ("vae", "clip", "ldm", "expert", "preview"):
+    for stage in ("vae", "clip", "ldm", "expert", "preview", "matcher"):
         assert (out / stage / "final").is_dir() and (out / stage / "metrics.jsonl").is_file()
         # --precision reaches every stage (the tiny recipes' own is fp32)
         assert json.loads((out / stage / "config.json").read_text())["train"]["precision"] == "bf16"
@@ -26,6 +26,7 @@ def test_train_pipeline_writes_a_model_that_generates(tmp_path, capsys):
     pipe = sfumato.load(out / "model")
     assert isinstance(pipe.unet, NoiseLevelExperts)  # the ldm stage's U-Net and the high-noise one
     assert pipe.preview_decoder is not None and pipe.preview(pipe.generate("a", steps=2, output="latent"))
+    assert pipe.matcher is not None and pipe.clip is not None  # best of K picks by the matcher
     image = pipe.generate("a red circle", steps=4, seed=0)[0]
     assert image.size == (32, 32)
     # a finished pipeline is not trained again; without --resume an existing folder is refused
@@ -132,7 +133,7 @@ def test_short_clip_run_on_shapes_classifies_colors_zero_shot(tmp_path):
     assert accuracy >= 0.5
 
 
-@pytest.mark.parametrize("task", ["vae", "clip", "ldm", "preview", "ddpm"])
+@pytest.mark.parametrize("task", ["vae", "clip", "ldm", "preview", "matcher", "ddpm"])
 def test_every_recipe_is_valid(task):
     for name in R.RECIPES[task]:
         assert R.recipe(task, name).train.steps >= 1

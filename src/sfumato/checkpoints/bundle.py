@@ -6,6 +6,10 @@
     text_encoder.safetensors   native CLIP text tower
     tokenizer/                 vocab.json + merges.txt + tokenizer_config.json (CLIPTokenizer.save)
     preview_decoder.safetensors  optional: a tiny decoder for live previews (`models.preview`)
+    clip.safetensors           optional: a joint CLIP (both towers), for `sfumato classify` and the eval
+    matcher.safetensors        optional, with clip.safetensors: an image-text matching head over that CLIP
+                               (`models.matcher`) that picks the best of K candidates (`generate(candidates=K)`;
+                               without it the denoising error picks)
     unet_high_noise.safetensors  optional, with experts.json {"boundary": b}: a second U-Net that denoises
                                t >= b while unet.safetensors denoises t < b (`models.experts`)
     text_encoder_high_noise.safetensors  optional, with the high-noise U-Net: its own text encoder (experts.json
@@ -31,8 +35,9 @@ import torch
 
 from sfumato.checkpoints.atomic import write_text_atomic
 from sfumato.checkpoints.native import load_model, save_model
-from sfumato.models.clip import CLIPTextModel
+from sfumato.models.clip import CLIP, CLIPTextModel
 from sfumato.models.experts import ExpertTextEncoders, NoiseLevelExperts
+from sfumato.models.matcher import ImageTextMatcher
 from sfumato.models.preview import PreviewDecoder
 from sfumato.models.unet import UNet
 from sfumato.models.vae import AutoencoderKL
@@ -134,10 +139,13 @@ class Bundle:
     tokenizer: CLIPTokenizer
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     preview_decoder: PreviewDecoder | None = None  # trained to imitate this VAE's decoder, for previews
+    matcher: ImageTextMatcher | None = None  # ranks best-of-K candidates, reading `clip`
+    clip: CLIP | None = None  # the matcher's CLIP (loaded with it; the tokenizer is the CLIP's)
 
 
 BUNDLE_FILES = ("unet.safetensors", "vae.safetensors", "text_encoder.safetensors", "schedule.json")
 PREVIEW_FILE = "preview_decoder.safetensors"
+MATCHER_FILE, CLIP_FILE = "matcher.safetensors", "clip.safetensors"
 HIGH_NOISE_FILE, EXPERTS_FILE = "unet_high_noise.safetensors", "experts.json"
 HIGH_NOISE_TEXT_FILE = "text_encoder_high_noise.safetensors"
 
@@ -169,6 +177,13 @@ def save_bundle(bundle: Bundle, directory: str | Path, *, dtype: torch.dtype | N
     ]
     if bundle.preview_decoder is not None:
         written.append(save_model(bundle.preview_decoder, d / PREVIEW_FILE, dtype=dtype))
+    if bundle.matcher is not None and bundle.clip is None:
+        raise ValueError("a bundle's matcher reads its CLIP (Bundle.clip), and this bundle has none")
+    (d / MATCHER_FILE).unlink(missing_ok=True)
+    if bundle.clip is not None:
+        written.append(save_model(bundle.clip, d / CLIP_FILE, dtype=dtype))
+    if bundle.matcher is not None:
+        written.append(save_model(bundle.matcher, d / MATCHER_FILE, dtype=dtype))
     for name in (HIGH_NOISE_FILE, HIGH_NOISE_TEXT_FILE, EXPERTS_FILE):  # a folder saved over keeps no stale expert
         (d / name).unlink(missing_ok=True)
     if experts is not None:
@@ -211,6 +226,13 @@ def load_bundle(directory: str | Path, device="cpu", dtype=None) -> Bundle:
         if split:
             high_text = load_model(d / HIGH_NOISE_TEXT_FILE, device, dtype)
             text = ExpertTextEncoders(text, _expect(high_text, CLIPTextModel, d / HIGH_NOISE_TEXT_FILE))
+    matcher = clip = None
+    if (d / MATCHER_FILE).is_file():
+        if not (d / CLIP_FILE).is_file():
+            raise FileNotFoundError(f"{d / MATCHER_FILE} reads a CLIP, but {d / CLIP_FILE} is missing")
+        matcher = _expect(load_model(d / MATCHER_FILE, device, dtype), ImageTextMatcher, d / MATCHER_FILE)
+        clip = _expect(load_model(d / CLIP_FILE, device, dtype), CLIP, d / CLIP_FILE)
+        matcher.check_clip(clip)
     return Bundle(
         unet=unet,
         vae=_expect(load_model(d / "vae.safetensors", device, dtype), AutoencoderKL, d / "vae.safetensors"),
@@ -222,4 +244,6 @@ def load_bundle(directory: str | Path, device="cpu", dtype=None) -> Bundle:
             if (d / PREVIEW_FILE).is_file()
             else None
         ),
+        matcher=matcher,
+        clip=clip,
     )

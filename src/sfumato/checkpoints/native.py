@@ -35,6 +35,7 @@ from sfumato.models.clip import (
     CLIPVisionConfig,
     CLIPVisionModel,
 )
+from sfumato.models.matcher import ImageTextMatcher, MatcherConfig
 from sfumato.models.preview import PreviewDecoder, PreviewDecoderConfig
 from sfumato.models.unet import UNet, UNetConfig
 from sfumato.models.vae import AutoencoderKL, VAEConfig
@@ -47,6 +48,7 @@ KINDS: dict[str, tuple[type[nn.Module], type]] = {
     "clip_vision": (CLIPVisionModel, CLIPVisionConfig),
     "clip": (CLIP, CLIPConfig),
     "preview_decoder": (PreviewDecoder, PreviewDecoderConfig),
+    "matcher": (ImageTextMatcher, MatcherConfig),
 }
 
 

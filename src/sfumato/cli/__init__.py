@@ -68,16 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser(
         "train",
-        help="train a VAE, CLIP/SigLIP, latent diffusion U-Net, preview decoder or pixel DDPM (or all of "
-        "text-to-image)",
+        help="train a VAE, CLIP/SigLIP, latent diffusion U-Net, preview decoder, image-text matcher or pixel DDPM "
+        "(or all of text-to-image)",
         description="Train one component, or `pipeline` = VAE -> CLIP -> latent diffusion -> high-noise expert -> "
-        "preview decoder into one bundle. `expert` adds to a model (--base) a second U-Net that takes over its "
+        "preview decoder -> matcher into one bundle. `expert` adds to a model (--base) a second U-Net that takes over its "
         "noisiest steps. `preview` distils a VAE's decoder (--vae) into a tiny one for live previews; copy its "
-        "final/preview_decoder.safetensors into a bundle folder to use it. "
+        "final/preview_decoder.safetensors into a bundle folder to use it. `matcher` trains an image-text matching "
+        "head over a CLIP (--clip) that picks the best of K candidates; copy its final/matcher.safetensors and the "
+        "CLIP (as clip.safetensors) into a bundle folder to use it. "
         "Runs write checkpoints to OUT/checkpoints and continue exactly with --resume. Under "
         "`torchrun --nproc_per_node N -m sfumato train ...` the run uses DDP (only rank 0 writes).",
     )
-    tr.add_argument("task", choices=["vae", "clip", "ldm", "expert", "preview", "ddpm", "pipeline"])
+    tr.add_argument("task", choices=["vae", "clip", "ldm", "expert", "preview", "matcher", "ddpm", "pipeline"])
     tr.add_argument("--data", default="shapes", help="an image-caption folder, or shapes[:SEED] (built in)")
     tr.add_argument("--out", required=True, help="run folder (checkpoints, samples, metrics, final model)")
     tr.add_argument("--preset", default="shapes",
@@ -97,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, help="data order and noise seed (default 0)")
     tr.add_argument("--vae", help="ldm: the trained VAE (vae.safetensors); preview: the VAE to imitate (that, or "
                     "any model sfumato loads: a bundle, a diffusers folder, an SD single file)")
-    tr.add_argument("--text-from", help="ldm: a CLIP run's final/ folder (text_encoder.safetensors, tokenizer/)")
+    tr.add_argument("--text-from", help="ldm: a CLIP run's final/ folder (text_encoder.safetensors, tokenizer/); "
+                    "matcher: the same folder (clip.safetensors, tokenizer/), or a bundle with its clip.safetensors")
     tr.add_argument("--base", help="expert: the bundle whose noisiest steps a new U-Net takes over (e.g. an ldm "
                     "run's final/); its VAE and text encoder are used frozen")
     tr.add_argument("--vae-steps", type=int, help="pipeline: VAE steps")
@@ -105,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--ldm-steps", type=int, help="pipeline: latent diffusion steps")
     tr.add_argument("--expert-steps", type=int, help="pipeline: high-noise expert steps")
     tr.add_argument("--preview-steps", type=int, help="pipeline: preview decoder steps")
+    tr.add_argument("--matcher-steps", type=int, help="pipeline: image-text matcher steps")
     tr.set_defaults(func=_train, user_errors=True)
 
     from ..pipelines.clip import CLIPPipeline

@@ -236,7 +236,8 @@ def _train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.task == "pipeline":
         steps = {t: n for t, n in (("vae", args.vae_steps), ("clip", args.clip_steps), ("ldm", args.ldm_steps),
-                                   ("expert", args.expert_steps), ("preview", args.preview_steps)) if n}  # fmt: skip
+                                   ("expert", args.expert_steps), ("preview", args.preview_steps),
+                                   ("matcher", args.matcher_steps)) if n}  # fmt: skip
         R.train_pipeline(args.data, out, args.preset, resume=args.resume, steps=steps, precision=args.precision)
         return 0
     r = R.recipe(args.task, args.preset)
@@ -266,10 +267,16 @@ def _train(args: argparse.Namespace) -> int:
             raise ValueError("sfumato train preview needs --vae: the VAE to imitate (vae.safetensors, a bundle, a "
                              "diffusers folder or an SD single file)")  # fmt: skip
         kw |= dict(vae=args.vae)
+    if args.task == "matcher":
+        src = Path(args.text_from) if args.text_from else None
+        if src is None or not (src / "clip.safetensors").is_file():
+            raise ValueError("sfumato train matcher needs --text-from: a folder with the CLIP to read (clip.safetensors "
+                             f"and tokenizer/: a CLIP run's final/, or a bundle), got {args.text_from}")  # fmt: skip
+        kw |= dict(clip=src / "clip.safetensors", tokenizer=src / "tokenizer")
     if args.task == "ldm" and r.low_noise_until is not None:
         _low_noise_note(args, r, out, learnt=False)
     fn = {"vae": R.train_vae, "clip": R.train_clip, "ldm": R.train_ldm, "expert": R.train_expert,
-          "preview": R.train_preview, "ddpm": R.train_ddpm}[args.task]  # fmt: skip
+          "preview": R.train_preview, "matcher": R.train_matcher, "ddpm": R.train_ddpm}[args.task]  # fmt: skip
     result = fn(args.data, out, r, **kw)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports (and writes)
         return 0

@@ -629,7 +629,10 @@ def evaluate_shapes(
         "n_prompts": len(indexed),
         "n_prompts_in_set": len(prompts),
         "settings": {**settings, "candidates": candidates, "seeds_per_prompt": seeds, "seed": seed, "image_size": image_size,
-                     "limit": limit, "categories": None if categories is None else list(categories)},  # fmt: skip
+                     "limit": limit, "categories": None if categories is None else list(categories),
+                     # what picks the best of K (StableDiffusion.generate)
+                     "ranking": None if candidates == 1 else
+                     "matcher" if getattr(pipe, "matcher", None) is not None else "denoising error"},  # fmt: skip
         "checker": {
             "max_residual": MAX_RESIDUAL, "min_area": MIN_AREA, "shape_min_iou": SHAPE_MIN_IOU,
             "max_aspect": MAX_ASPECT,

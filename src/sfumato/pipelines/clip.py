@@ -61,6 +61,23 @@ def _check_image(image) -> None:
         )
 
 
+def clip_pixels(images: torch.Tensor, image_size: int, *, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """Images (B, 3, H, W) in [-1, 1] (what the pipelines decode, what training batches hold) -> normalised
+    pixel values (B, 3, image_size, image_size): shorter side resized to image_size (bicubic, antialiased),
+    centre crop, ``(x - mean) / std``. The tensor counterpart of `preprocess` (up to PIL's resampling filter)."""
+    S = image_size
+    x = (images.float() + 1) / 2  # [-1, 1] -> [0, 1]
+    H, W = x.shape[-2:]
+    if (H, W) != (S, S):
+        h, w = (S, int(S * W / H)) if H <= W else (int(S * H / W), S)
+        x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
+        top, left = (h - S) // 2, (w - S) // 2
+        x = x[..., top : top + S, left : left + S].clamp(0, 1)
+    mean_t = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean_t) / std_t
+
+
 def preprocess(
     images: ImageInput | Sequence[ImageInput],
     image_size: int,

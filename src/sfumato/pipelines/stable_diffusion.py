@@ -38,6 +38,7 @@ from sfumato.diffusion.denoisers import DiscreteDenoiser
 from sfumato.diffusion.guidance import classifier_free_guidance
 from sfumato.diffusion.samplers import SAMPLERS, invert_ddim
 from sfumato.models.clip import prompt_mask
+from sfumato.pipelines.clip import clip_pixels
 from sfumato.pipelines.images import (
     check_size,
     image_to_tensor,
@@ -220,6 +221,9 @@ class StableDiffusion:
         self.text_encoder = bundle.text_encoder.to(self.device, dtype).eval()
         preview = bundle.preview_decoder
         self.preview_decoder = None if preview is None else preview.to(self.device, dtype).eval()
+        # an image-text matching head and the CLIP it reads pick the best of K when the bundle has them
+        self.matcher = None if bundle.matcher is None else bundle.matcher.to(self.device, dtype).eval()
+        self.clip = None if bundle.clip is None else bundle.clip.to(self.device, dtype).eval()
         self.tokenizer = bundle.tokenizer
         self.schedule = bundle.schedule
         self.source = Path(source) if source is not None else None
@@ -432,15 +436,17 @@ class StableDiffusion:
             z = post.mean + post.std * noise
         return self.vae.to_diffusion(z)
 
+    def _decode_tensor(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images (N, 3, H, W), about [-1, 1] (not clamped), from diffusion latents."""
+        z = self.vae.from_diffusion(latents.to(self.device, self.dtype))
+        if self.vae_tile is not None:
+            return self.vae.decode_tiled(z, self.vae_tile, self.vae_tile // 4)
+        return self.vae.decode(z)
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         """PIL images from diffusion latents (the VAE's `to_diffusion` scale)."""
-        z = self.vae.from_diffusion(latents.to(self.device, self.dtype))
-        if self.vae_tile is not None:
-            x = self.vae.decode_tiled(z, self.vae_tile, self.vae_tile // 4)
-        else:
-            x = self.vae.decode(z)
-        return tensor_to_images(x.float().cpu())
+        return tensor_to_images(self._decode_tensor(latents).float().cpu())
 
     @torch.no_grad()
     def preview(self, latents: torch.Tensor) -> list[Image.Image]:
@@ -551,9 +557,11 @@ class StableDiffusion:
         unconditional passes in one batch, the negative prompt in place of the empty one.
 
         candidates: best of K. Each image is drawn K times (its own seed first, then seeds derived from it by
-        `ranking.candidate_seeds`) and the draw its conditional denoiser explains best is kept
-        (`sfumato.pipelines.ranking`): K draws, each then scored by 12 conditional denoiser calls, so at 20
-        guided steps (40 calls) about 1.3 K times the work of one image. None (the default) means the
+        `ranking.candidate_seeds`) and one draw is kept: with a bundle that has a matcher (`models.matcher`), the
+        one it finds most likely to show the prompt (K decodes and one call of a small head over the CLIP, so
+        about K times the work of one image); else the one its conditional denoiser explains best
+        (`sfumato.pipelines.ranking`: 12 conditional denoiser calls per draw, so at 20 guided steps (40
+        calls) about 1.3 K times the work of one image). None (the default) means the
         model's own (`ScheduleConfig.candidates`), else 1 (and 1 when `latents` are given); the shipped model
         draws 4.
 
@@ -603,7 +611,11 @@ class StableDiffusion:
         z = self._denoise(x, plan.sigmas, plan, sampler, cond, uncond, guidance, gens, eta=eta,
                           callback=callback, progress=progress)  # fmt: skip
         if k > 1:
-            z = z[self._best_of(z, plan, cond, seeds, progress)]
+            if self.matcher is not None:
+                keep = self._best_by_matcher(z, [prompts[i // batch] for i in range(n)])
+            else:
+                keep = self._best_of(z, plan, cond, seeds, progress)
+            z = z[keep]
         extra = {"extra": {CANDIDATES_KEY: str(k)}} if k > 1 else {}
         params = [
             self._params(
@@ -614,6 +626,17 @@ class StableDiffusion:
             for i in range(n)
         ]
         return self._finish(z, params, output)
+
+    def _best_by_matcher(self, z: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """Indices of the kept candidates: for image i (prompt texts[i]) the one of its K rows of z (N * K clean
+        latents, image-major) that the bundle's matcher gives the highest logit under the prompt."""
+        k = z.shape[0] // len(texts)
+        S = self.clip.config.vision.image_size
+        pixels = clip_pixels(self._decode_tensor(z).clamp(-1, 1), S).to(self.device, self.dtype)  # (N * K, 3, S, S)
+        T = min(self.tokenizer.context_length, self.clip.config.text.context_length)
+        ids = self.tokenizer([t for t in texts for _ in range(k)], context_length=T).to(self.device)
+        logits = self.matcher(self.clip, pixels, ids).float().cpu()  # (N * K,)
+        return pick_best(-logits, k)
 
     def _best_of(
         self, z: torch.Tensor, plan: StepPlan, cond: dict[str, torch.Tensor], seeds: list[int], progress

@@ -27,7 +27,7 @@ from torch import nn
 
 from sfumato.checkpoints.native import build_on_meta, load_weights, save_model
 from sfumato.models.clip import CLIP, CLIPConfig
-from sfumato.pipelines.clip import CLIP_MEAN, CLIP_STD, CLIPPipeline
+from sfumato.pipelines.clip import CLIPPipeline, clip_pixels
 from sfumato.pipelines.images import tensor_to_images
 from sfumato.text.tokenizer import CLIPTokenizer
 from sfumato.training.distributed import all_gather, all_gather_with_grad
@@ -197,18 +197,7 @@ class CLIPTask:
 
     def pixels(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> normalised pixel values (B, 3, S, S), S = vision image_size."""
-        S = self.clip_config.vision.image_size
-        x = (images.float() + 1) / 2  # [-1, 1] -> [0, 1]
-        H, W = x.shape[-2:]
-        if (H, W) != (S, S):
-            # shorter side to S, then centre crop, as `sfumato.pipelines.clip.preprocess`
-            h, w = (S, int(S * W / H)) if H <= W else (int(S * H / W), S)
-            x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
-            top, left = (h - S) // 2, (w - S) // 2
-            x = x[..., top : top + S, left : left + S].clamp(0, 1)
-        mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
-        return (x - mean) / std
+        return clip_pixels(images, self.clip_config.vision.image_size)
 
     def tokenize(self, captions: Sequence[str]) -> torch.Tensor:
         """(B, T) ids padded to the longest caption only: the text tower is causal and pools at the end

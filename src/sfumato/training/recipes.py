@@ -1,16 +1,19 @@
-"""Named training recipes and the functions behind `sfumato train vae|clip|ldm|expert|preview|ddpm|pipeline`.
+"""Named training recipes and the functions behind `sfumato train vae|clip|ldm|expert|preview|matcher|ddpm|pipeline`.
 
 A recipe is a plain dataclass: the model config, the `TrainConfig`, the data size and the objective's
 settings. `RECIPES[task][name]`; "tiny" recipes are for tests and smoke runs (seconds), "shapes" is the
 recipe of the model sfumato ships (trained on the built-in `shapes` dataset on 2 CPU cores).
 
-`train_pipeline` runs VAE → CLIP → latent diffusion → high-noise expert → preview decoder into one folder:
+`train_pipeline` runs VAE → CLIP → latent diffusion → high-noise expert → preview decoder → matcher into one
+folder (the expert and the matcher for recipes that have them):
 
     OUT/vae/     the autoencoder run (final/vae.safetensors)
     OUT/clip/    the CLIP run (final/clip.safetensors, final/text_encoder.safetensors, final/tokenizer/)
     OUT/ldm/     the U-Net run (final/ = the bundle)
     OUT/expert/  the high-noise U-Net run, for recipes that have one (final/ = the bundle with both U-Nets)
     OUT/preview/ the preview decoder run (final/preview_decoder.safetensors: the VAE's decoder, distilled)
+    OUT/matcher/ the image-text matcher run (final/matcher.safetensors: a head over the CLIP that picks the
+                 best of K candidates, `models.matcher`)
     OUT/model/   the finished bundle, what `sfumato generate --model OUT/model` loads, with its preview
                  decoder and the full CLIP (clip.safetensors, both towers) beside it
 
@@ -117,6 +120,16 @@ class PreviewRecipe:
     train: TrainConfig
     image_size: int = 32
     data_size: int = 20_000
+
+
+@dataclass
+class MatcherRecipe:
+    train: TrainConfig
+    layers: int = 2  # fusion blocks of the head (MatcherConfig.layers)
+    image_size: int = 32
+    data_size: int = 20_000
+    # ShapesDataset keyword arguments for this stage; ignored for folders
+    shapes_options: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -243,6 +256,17 @@ RECIPES: dict[str, dict] = {
             TrainConfig(steps=4000, batch_size=8, lr=1e-3, warmup_steps=100, ema_decay=None, preview_every=500,
                         checkpoint_every=500, log_every=50),
             image_size=256,
+        ),  # fmt: skip
+    },
+    # an image-text matching head over the CLIP, which picks the best of K candidates (models.matcher)
+    "matcher": {
+        "tiny": MatcherRecipe(_tiny_train(6, 8, 1e-3), layers=1, data_size=64),
+        # four objects at most and repeated kinds common (repeat_prob 0.3), so that it sees three and four of a
+        # kind, what a miscounted "two X" or "two X and a Y" looks like
+        "shapes": MatcherRecipe(
+            TrainConfig(steps=1800, batch_size=64, lr=1e-3, warmup_steps=100, ema_decay=None, preview_every=0,
+                        checkpoint_every=300, log_every=25),
+            data_size=60_000, shapes_options={"max_objects": 4, "repeat_prob": 0.3},
         ),  # fmt: skip
     },
     "ddpm": {
@@ -453,6 +477,28 @@ def train_preview(
     return train(task, ds, r.train, out, resume=resume, until=until, progress=progress)
 
 
+def train_matcher(
+    data: str, out: Path, r: MatcherRecipe, *, clip: str | Path, tokenizer: str | Path, resume=False, until=None,
+    progress=None,
+) -> TrainResult:  # fmt: skip
+    """Train an image-text matching head over the CLIP in `clip` (a native clip.safetensors, frozen);
+    OUT/final/matcher.safetensors, which a bundle with that CLIP beside it uses to pick the best of K."""
+    import torch
+
+    from sfumato.models.clip import CLIP
+    from sfumato.models.matcher import MatcherConfig
+    from sfumato.training.matcher import MatcherTask
+
+    clip_m = load_model(clip, dtype=torch.float32)
+    if not isinstance(clip_m, CLIP):
+        raise ValueError(f"--clip {clip} holds a {type(clip_m).__name__}; the matcher needs a joint CLIP (both towers)")
+    ds = dataset_for(data, r.image_size, r.data_size, **r.shapes_options)
+    holdout = getattr(ds, "holdout", None)
+    task = MatcherTask(clip_m, CLIPTokenizer.from_pretrained(tokenizer), MatcherConfig.for_clip(clip_m.config,
+                       layers=r.layers), seed=r.train.seed, holdout=holdout)  # fmt: skip
+    return train(task, ds, r.train, out, resume=resume, until=until, progress=progress)
+
+
 def train_ddpm(data: str, out: Path, r: DDPMRecipe, *, resume=False, until=None, progress=None) -> TrainResult:
     from sfumato.training.ddpm import DDPMTask
 
@@ -469,18 +515,20 @@ def train_pipeline(data: str, out: str | Path, name: str = "shapes", *, resume: 
                    progress: bool | None = None, steps: dict[str, int] | None = None,
                    precision: str | None = None) -> Path:  # fmt: skip
     """VAE → CLIP → latent diffusion → high-noise expert (when `RECIPES["expert"]` has `name`) → preview
-    decoder with the recipes called `name`; returns the finished bundle folder.
+    decoder → matcher (when `RECIPES["matcher"]` has `name`) with the recipes called `name`; returns the
+    finished bundle folder.
 
-    steps: optional {"vae": n, "clip": n, "ldm": n, "expert": n, "preview": n} overriding the recipes' step
-        counts.
+    steps: optional {"vae": n, "clip": n, "ldm": n, "expert": n, "preview": n, "matcher": n} overriding the
+        recipes' step counts.
     precision: "fp32", "bf16" or "fp16" for every stage, instead of each recipe's own (e.g. "fp32" on a CPU
         without bf16 instructions, where the shapes recipe's bf16 stages run slower than fp32).
     """
     out = Path(out)
     steps = steps or {}
     recipes = {task: recipe(task, name) for task in ("vae", "clip", "ldm", "preview")}
-    if name in RECIPES["expert"]:
-        recipes["expert"] = recipe("expert", name)
+    for optional in ("expert", "matcher"):
+        if name in RECIPES[optional]:
+            recipes[optional] = recipe(optional, name)
     low = recipes["ldm"].low_noise_until
     if low is not None and recipes.get("expert") is None:
         raise ValueError(f"the {name!r} ldm recipe trains t < {low} only and needs a high-noise expert for the rest, "
@@ -514,6 +562,9 @@ def train_pipeline(data: str, out: str | Path, name: str = "shapes", *, resume: 
     if "expert" in recipes:
         stage("expert", train_expert, base=out / "ldm/final")
     stage("preview", train_preview, vae=out / "vae/final/vae.safetensors")
+    if "matcher" in recipes:
+        stage("matcher", train_matcher, clip=out / "clip/final/clip.safetensors",
+              tokenizer=out / "clip/final/tokenizer")  # fmt: skip
     model = out / "model"
     if model.exists():
         shutil.rmtree(model)
@@ -521,6 +572,8 @@ def train_pipeline(data: str, out: str | Path, name: str = "shapes", *, resume: 
     # the full CLIP (both towers) beside the bundle: `sfumato classify` and `sfumato eval shapes` use it
     shutil.copy2(out / "clip/final/clip.safetensors", model / "clip.safetensors")
     shutil.copy2(out / "preview/final/preview_decoder.safetensors", model / "preview_decoder.safetensors")
+    if "matcher" in recipes:  # reads the CLIP above: the two go together
+        shutil.copy2(out / "matcher/final/matcher.safetensors", model / "matcher.safetensors")
     _say(f"model: {model}  (sfumato generate --model {model} \"a red circle\")")
     return model
 
@@ -539,6 +592,6 @@ def export_model(src: str | Path, dst: str | Path, *, dtype=None) -> Path:
     if dst.exists():
         shutil.rmtree(dst)
     save_bundle(bundle, dst, dtype=dtype)
-    if (src / "clip.safetensors").is_file():
+    if bundle.clip is None and (src / "clip.safetensors").is_file():  # a CLIP beside the bundle, not read by it
         save_model(load_model(src / "clip.safetensors"), dst / "clip.safetensors", dtype=dtype)
     return dst
