@@ -24,8 +24,9 @@ from sfumato.data.shapes import (
 )
 from sfumato.models.clip import CLIP, PRESETS
 from sfumato.models.matcher import ImageTextMatcher, MatcherConfig
+from sfumato.pipelines import ranking
 from sfumato.pipelines.clip import clip_pixels
-from sfumato.pipelines.ranking import candidate_seeds
+from sfumato.pipelines.ranking import candidate_seeds, matched_score, pick_best
 from sfumato.text.tokenizer import train_bpe
 from sfumato.training import recipes as R
 from sfumato.training.matcher import MatcherTask, false_caption, states_holdout
@@ -153,7 +154,17 @@ def test_a_batch_pairs_each_image_with_its_caption_a_false_one_and_another():
     assert task.captions(batch, step=3) == texts  # a function of (seed, step, index): a resumed run draws the same
 
 
-def test_a_bundle_with_a_matcher_keeps_the_candidate_it_scores_highest(tmp_path):
+def test_matched_score_is_the_logit_less_the_weighted_relative_error():
+    logits = torch.tensor([1.0, 2.0, 0.5, -1.0])
+    errors = torch.tensor([0.10, 0.30, 0.20, 0.20])  # image 0: mean 0.2; image 1: mean 0.2
+    score = matched_score(logits, errors, 2, weight=5.0)
+    assert torch.allclose(score, torch.tensor([1.0 + 2.5, 2.0 - 2.5, 0.5, -1.0]))
+    assert torch.equal(pick_best(-score, 2), torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="N \\* 3 alike"):
+        matched_score(logits, errors, 3)
+
+
+def test_a_bundle_with_a_matcher_ranks_by_its_logit_and_the_denoising_error(tmp_path, monkeypatch):
     b = tiny_bundle()
     tok = b.tokenizer
     b.clip = _tiny_clip(tok)
@@ -162,16 +173,44 @@ def test_a_bundle_with_a_matcher_keeps_the_candidate_it_scores_highest(tmp_path)
     assert load_bundle(tmp_path / "bundle").matcher is not None
     pipe = sfumato.load(tmp_path / "bundle")
     fast = dict(steps=3, guidance=2.0)
-    prompt, k, seed = "a photo of a cat", 4, 9
-    kept = pipe.generate(prompt, seed=seed, candidates=k, output="latent", **fast)
-    cands = pipe.generate(prompt, seed=candidate_seeds(seed, k), batch=k, candidates=1, output="latent", **fast)
-    with torch.no_grad():
-        pixels = clip_pixels(pipe.vae.decode(pipe.vae.from_diffusion(cands)).clamp(-1, 1), 32)
-        logits = pipe.matcher(pipe.clip, pixels, tok([prompt] * k, context_length=32))
+    prompt, k = "a photo of a cat", 4
+    for seed in range(9, 20):  # a seed where the matcher and the denoising error disagree, else the test is moot
+        cands = pipe.generate(prompt, seed=candidate_seeds(seed, k), batch=k, candidates=1, output="latent", **fast)
+        with torch.no_grad():
+            pixels = clip_pixels(pipe.vae.decode(pipe.vae.from_diffusion(cands)).clamp(-1, 1), 32)
+            logits = pipe.matcher(pipe.clip, pixels, tok([prompt] * k, context_length=32))
+        matcher, pipe.matcher = pipe.matcher, None
+        by_error = pipe.generate(prompt, seed=seed, candidates=k, output="latent", **fast)
+        pipe.matcher = matcher
+        if not torch.allclose(by_error[0], cands[int(logits.argmax())], atol=1e-5):
+            break
+    assert not torch.allclose(by_error[0], cands[int(logits.argmax())], atol=1e-5)
     order = logits.argsort(descending=True)
-    assert logits[order[0]] - logits[order[1]] > 1e-4, logits  # a clear winner, else the test is moot
+    assert logits[order[0]] - logits[order[1]] > 1e-4, logits  # a clear winner
+    monkeypatch.setattr(ranking, "MATCH_ERROR_WEIGHT", 0.0)  # the matcher alone
+    kept = pipe.generate(prompt, seed=seed, candidates=k, output="latent", **fast)
     assert torch.allclose(kept[0], cands[order[0]], atol=1e-5)
+    monkeypatch.setattr(ranking, "MATCH_ERROR_WEIGHT", 1e9)  # the error alone: as without a matcher
+    kept = pipe.generate(prompt, seed=seed, candidates=k, output="latent", **fast)
+    assert torch.allclose(kept[0], by_error[0], atol=1e-5)
     # a matcher without its CLIP is refused on load
     (tmp_path / "bundle/clip.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="clip.safetensors is missing"):
         load_bundle(tmp_path / "bundle")
+
+
+def test_position_features_add_each_patch_place_and_nothing_else():
+    tok = train_bpe(["a red circle on the left", "a red circle on the right"] * 5, 600, min_frequency=1)
+    clip = _tiny_clip(tok)
+    ids = tok(["a red circle on the left"] * 2, context_length=16)
+    pixels = clip_pixels(torch.rand(2, 3, 32, 32) * 2 - 1, 32)
+    with_places = random_weights_(ImageTextMatcher(MatcherConfig.for_clip(clip.config, width=32, layers=1,
+                                                                          position_freqs=4)), 8)  # fmt: skip
+    without = ImageTextMatcher(MatcherConfig.for_clip(clip.config, width=32, layers=1))
+    state = {k: v for k, v in with_places.state_dict().items() if not k.startswith("position.")}
+    without.load_state_dict(state)
+    assert not torch.allclose(with_places(clip, pixels, ids), without(clip, pixels, ids), atol=1e-4)
+    with torch.no_grad():  # a zero map from the features: exactly the head without them
+        with_places.position.weight.zero_()
+        with_places.position.bias.zero_()
+    assert torch.allclose(with_places(clip, pixels, ids), without(clip, pixels, ids), atol=1e-6)

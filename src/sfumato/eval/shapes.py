@@ -632,7 +632,7 @@ def evaluate_shapes(
                      "limit": limit, "categories": None if categories is None else list(categories),
                      # what picks the best of K (StableDiffusion.generate)
                      "ranking": None if candidates == 1 else
-                     "matcher" if getattr(pipe, "matcher", None) is not None else "denoising error"},  # fmt: skip
+                     "matcher and denoising error" if getattr(pipe, "matcher", None) is not None else "denoising error"},  # fmt: skip
         "checker": {
             "max_residual": MAX_RESIDUAL, "min_area": MIN_AREA, "shape_min_iou": SHAPE_MIN_IOU,
             "max_aspect": MAX_ASPECT,

@@ -6,8 +6,8 @@ captions as bags of words; ours reads the number of objects on generated images 
 docs/shapes-model.md). A matching head reads both at once instead: the caption's token states attend to the
 image's patch states (BLIP's image-text matching head, Li et al. 2022, sec. 3.1, trained like it, as a
 binary classifier on true captions and hard negatives). `sfumato.training.matcher` trains one on a data
-set's image-caption pairs with captions edited to be false; `StableDiffusion.generate(candidates=K)` keeps,
-of K drawn images, the one it gives the highest logit under the prompt.
+set's image-caption pairs with captions edited to be false; `StableDiffusion.generate(candidates=K)` adds its
+logit under the prompt to the ranking of the K drawn images (`pipelines.ranking.matched_score`).
 
 The head does not own the CLIP it reads: the CLIP stays frozen and is stored once, in its own file (a
 bundle's `clip.safetensors`), and `forward` takes it as an argument. What the head adds:
@@ -16,7 +16,8 @@ bundle's `clip.safetensors`), and `forward` takes it as an argument. What the he
 - text: the CLIP text tower's token states (LayerNorm, linear to `width`), a learned [CLS] token in front,
   `text_layers` bidirectional pre-LN blocks over the prompt's tokens (the tower itself is causal);
 - image: the vision tower's last states, class token and patches (LayerNorm, linear to `width`), and a
-  learned null state. Softmax attention averages what it attends to, so with patches alone two red
+  learned null state (with `position_freqs`, Fourier features of each patch's place, through a linear map,
+  are added to its state). Softmax attention averages what it attends to, so with patches alone two red
   squares and three read alike; a null state to attend to instead makes the weight on the patches, hence
   their number, part of what comes back (as an "attention sink", Xiao et al. 2024);
 - fusion: `layers` blocks of text self-attention, cross-attention from text to image states, and an MLP;
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sfumato.models.clip import CLIP, MLP, Attention, prompt_mask
-from sfumato.models.layers import attention
+from sfumato.models.layers import attention, position_fourier_features
 
 
 @dataclass
@@ -44,6 +45,8 @@ class MatcherConfig:
     heads: int = 4
     text_layers: int = 2  # bidirectional blocks over the caption alone
     layers: int = 2  # fusion blocks: text self-attention, cross-attention to the image, MLP
+    # Fourier frequencies per axis of each patch's place, added (through a linear map) to its state; 0: none
+    position_freqs: int = 0
     eps: float = 1e-5
 
     def __post_init__(self):
@@ -94,6 +97,7 @@ class ImageTextMatcher(nn.Module):
         self.image_in = nn.Sequential(
             nn.LayerNorm(c.vision_width, eps=c.eps), nn.Linear(c.vision_width, c.width)
         )
+        self.position = nn.Linear(4 * c.position_freqs, c.width) if c.position_freqs else None
         self.cls = nn.Parameter(torch.zeros(c.width))
         self.null = nn.Parameter(torch.zeros(c.width))
         self.text_blocks = nn.ModuleList(FusionBlock(c, cross=False) for _ in range(c.text_layers))
@@ -137,6 +141,10 @@ class ImageTextMatcher(nn.Module):
             )  # (N, ...) -> (M, ...)
         M = ids.shape[0]
         image = self.image_in(image_states)  # (M, 1 + P, C)
+        if self.position is not None:  # the patches' places (the class token has none)
+            side = int(round((image.shape[1] - 1) ** 0.5))
+            places = position_fourier_features(side, side, self.config.position_freqs, image.device, image.dtype)
+            image = image + F.pad(self.position(places), (0, 0, 1, 0))[None]  # (P, C) -> (1, 1 + P, C)
         image = torch.cat([self.null.to(image.dtype).expand(M, 1, -1), image], 1)  # (M, 2 + P, C)
         x = self.text_in(text.last_hidden_state)  # (M, T, C)
         x = torch.cat([self.cls.to(x.dtype).expand(M, 1, -1), x], 1)  # (M, 1 + T, C)

@@ -71,6 +71,25 @@ def denoising_error(
     return (total / (noise.shape[0] * noise.shape[1])).float()
 
 
+# Weight of the denoising error against an image-text matcher's logit (`matched_score`), chosen on seeds other than
+# the eval's (docs/shapes-model.md, "Best of K by an image-text matcher"): 5 of 5, 10, 20, 40, 80.
+MATCH_ERROR_WEIGHT = 5.0
+
+
+def matched_score(logits: torch.Tensor, errors: torch.Tensor, k: int, weight: float | None = None) -> torch.Tensor:
+    """The score by which best of K keeps a candidate when the model has an image-text matcher (higher is better):
+    the matcher's logit minus `weight` times the candidate's denoising error relative to its image's K
+    candidates' mean, ``logit - weight * (error / mean - 1)``. The matcher reads counts (and little of places or
+    relations); the error, a likelihood under the prompt, keeps the shapes and places the model draws well.
+    Relative errors carry no unit, so one weight serves any model. logits, errors: (N * K,), image-major;
+    weight None: `MATCH_ERROR_WEIGHT`."""
+    weight = MATCH_ERROR_WEIGHT if weight is None else weight
+    if logits.shape != errors.shape or errors.numel() % k:
+        raise ValueError(f"logits {tuple(logits.shape)} and errors {tuple(errors.shape)} must be N * {k} alike")
+    e = errors.view(-1, k)
+    return (logits.view(-1, k) - weight * (e / e.mean(1, keepdim=True) - 1)).flatten()
+
+
 def pick_best(errors: torch.Tensor, k: int) -> torch.Tensor:
     """Indices into N * k candidates (image i's at i * k ... i * k + k - 1) of each image's least error."""
     if errors.numel() % k:

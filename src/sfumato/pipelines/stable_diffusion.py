@@ -53,6 +53,7 @@ from sfumato.pipelines.ranking import (
     RANK_LEVELS,
     candidate_seeds,
     denoising_error,
+    matched_score,
     pick_best,
     ranking_seed,
 )
@@ -557,11 +558,11 @@ class StableDiffusion:
         unconditional passes in one batch, the negative prompt in place of the empty one.
 
         candidates: best of K. Each image is drawn K times (its own seed first, then seeds derived from it by
-        `ranking.candidate_seeds`) and one draw is kept: with a bundle that has a matcher (`models.matcher`), the
-        one it finds most likely to show the prompt (K decodes and one call of a small head over the CLIP, so
-        about K times the work of one image); else the one its conditional denoiser explains best
-        (`sfumato.pipelines.ranking`: 12 conditional denoiser calls per draw, so at 20 guided steps (40
-        calls) about 1.3 K times the work of one image). None (the default) means the
+        `ranking.candidate_seeds`) and the draw its conditional denoiser explains best is kept
+        (`sfumato.pipelines.ranking`): K draws, each then scored by 12 conditional denoiser calls, so at 20
+        guided steps (40 calls) about 1.3 K times the work of one image. A bundle with a matcher
+        (`models.matcher`) adds its judgement of each draw against the prompt (`ranking.matched_score`; K
+        decodes and one call of a small head over the CLIP). None (the default) means the
         model's own (`ScheduleConfig.candidates`), else 1 (and 1 when `latents` are given); the shipped model
         draws 4.
 
@@ -611,10 +612,12 @@ class StableDiffusion:
         z = self._denoise(x, plan.sigmas, plan, sampler, cond, uncond, guidance, gens, eta=eta,
                           callback=callback, progress=progress)  # fmt: skip
         if k > 1:
+            errors = self._denoising_errors(z, plan, cond, seeds, progress)
             if self.matcher is not None:
-                keep = self._best_by_matcher(z, [prompts[i // batch] for i in range(n)])
+                logits = self._match_logits(z, [prompts[i // batch] for i in range(n)])
+                keep = pick_best(-matched_score(logits, errors, k), k)
             else:
-                keep = self._best_of(z, plan, cond, seeds, progress)
+                keep = pick_best(errors, k)
             z = z[keep]
         extra = {"extra": {CANDIDATES_KEY: str(k)}} if k > 1 else {}
         params = [
@@ -627,23 +630,22 @@ class StableDiffusion:
         ]
         return self._finish(z, params, output)
 
-    def _best_by_matcher(self, z: torch.Tensor, texts: list[str]) -> torch.Tensor:
-        """Indices of the kept candidates: for image i (prompt texts[i]) the one of its K rows of z (N * K clean
-        latents, image-major) that the bundle's matcher gives the highest logit under the prompt."""
+    def _match_logits(self, z: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """(N * K,) the bundle's matcher's logits of z's N * K clean latents (image-major) under their image's
+        prompt texts[i]."""
         k = z.shape[0] // len(texts)
         S = self.clip.config.vision.image_size
         pixels = clip_pixels(self._decode_tensor(z).clamp(-1, 1), S).to(self.device, self.dtype)  # (N * K, 3, S, S)
         T = min(self.tokenizer.context_length, self.clip.config.text.context_length)
         ids = self.tokenizer([t for t in texts for _ in range(k)], context_length=T).to(self.device)
-        logits = self.matcher(self.clip, pixels, ids).float().cpu()  # (N * K,)
-        return pick_best(-logits, k)
+        return self.matcher(self.clip, pixels, ids).float().cpu()  # (N * K,)
 
-    def _best_of(
+    def _denoising_errors(
         self, z: torch.Tensor, plan: StepPlan, cond: dict[str, torch.Tensor], seeds: list[int], progress
     ) -> torch.Tensor:
-        """Indices of the kept candidates: for image i (seed seeds[i]) the least `denoising_error` under its
-        prompt among its K rows of z (N * K clean latents, image-major), every candidate of one image scored
-        with the same noise, drawn from its own generator (seeded apart from every candidate's)."""
+        """(N * K,) the `denoising_error` of z's N * K clean latents (image-major) under their prompt, every
+        candidate of image i (seed seeds[i]) scored with the same noise, drawn from its own generator (seeded
+        apart from every candidate's)."""
         k = z.shape[0] // len(seeds)
         T = plan.schedule.num_timesteps
         sigmas = [float(plan.schedule.t_to_sigma(float(round(f * T)))) for f in RANK_LEVELS]
@@ -657,7 +659,7 @@ class StableDiffusion:
                 errors = denoising_error(denoiser, z, sigmas, noise, cond, on_level=lambda: bar({}))
         finally:
             bar.close()
-        return pick_best(errors, k)
+        return errors
 
     # -- image to image --------------------------------------------------------------------------------------
 

@@ -126,6 +126,7 @@ class PreviewRecipe:
 class MatcherRecipe:
     train: TrainConfig
     layers: int = 2  # fusion blocks of the head (MatcherConfig.layers)
+    position_freqs: int = 0  # Fourier features of the patches' places in the head (MatcherConfig.position_freqs)
     image_size: int = 32
     data_size: int = 20_000
     # ShapesDataset keyword arguments for this stage; ignored for folders
@@ -494,8 +495,8 @@ def train_matcher(
         raise ValueError(f"--clip {clip} holds a {type(clip_m).__name__}; the matcher needs a joint CLIP (both towers)")
     ds = dataset_for(data, r.image_size, r.data_size, **r.shapes_options)
     holdout = getattr(ds, "holdout", None)
-    task = MatcherTask(clip_m, CLIPTokenizer.from_pretrained(tokenizer), MatcherConfig.for_clip(clip_m.config,
-                       layers=r.layers), seed=r.train.seed, holdout=holdout)  # fmt: skip
+    config = MatcherConfig.for_clip(clip_m.config, layers=r.layers, position_freqs=r.position_freqs)
+    task = MatcherTask(clip_m, CLIPTokenizer.from_pretrained(tokenizer), config, seed=r.train.seed, holdout=holdout)
     return train(task, ds, r.train, out, resume=resume, until=until, progress=progress)
 
 
