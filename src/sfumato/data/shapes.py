@@ -105,14 +105,14 @@ _MIDDLE = (0.4375, 0.5625)  # both coordinates within this band: "center"
 _PLACE_TRIES = 50  # random positions tried per object before the layout is given up
 _LAYOUT_TRIES = 200  # layouts tried per item before giving up (only very crowded settings get near it)
 _MAX_OBJECTS = 4
-_PLURALS = {
+PLURALS = {
     "circle": "circles",
     "square": "squares",
     "triangle": "triangles",
     "diamond": "diamonds",
     "cross": "crosses",
 }
-_NUMBERS = {2: "two", 3: "three", 4: "four"}
+NUMBERS = {2: "two", 3: "three", 4: "four"}
 _CIRCLE = [(math.cos(2 * math.pi * k / 64), math.sin(2 * math.pi * k / 64)) for k in range(64)]
 
 
@@ -232,7 +232,7 @@ def _pick(rng: random.Random, seq: Sequence):
     return seq[int(rng.random() * len(seq))]
 
 
-def _with_article(words: str) -> str:
+def with_article(words: str) -> str:
     return ("an " if words[0] in "aeiou" else "a ") + words
 
 
@@ -325,10 +325,10 @@ def _breaks_relation_holdout(objects: list[dict], relations: frozenset) -> bool:
 
 def _phrase(obj: dict, use_size: bool) -> str:
     words = f"{obj['size']} {obj['color']} {obj['shape']}" if use_size else f"{obj['color']} {obj['shape']}"
-    return _with_article(words)
+    return with_article(words)
 
 
-def _list_phrases(parts: list[str]) -> str:
+def list_phrases(parts: list[str]) -> str:
     """["a", "b", "c"] -> "a, b and c"."""
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
@@ -349,8 +349,8 @@ def _counted(rng: random.Random, objects: list[dict], use_size: bool) -> str:
             sizes = {m["size"] for m in members}
             # a size word only if all members share it
             size = f"{sizes.pop()} " if use_size and len(sizes) == 1 else ""
-            parts.append(f"{_NUMBERS[len(members)]} {size}{color} {_PLURALS[shape]}")
-    return _list_phrases(parts)
+            parts.append(f"{NUMBERS[len(members)]} {size}{color} {PLURALS[shape]}")
+    return list_phrases(parts)
 
 
 def _caption(
@@ -380,7 +380,7 @@ def _caption(
         return _counted(rng, objects, use_size), None, None
     order = list(range(n))
     rng.shuffle(order)
-    return _list_phrases([_phrase(objects[k], use_size) for k in order]), None, None
+    return list_phrases([_phrase(objects[k], use_size) for k in order]), None, None
 
 
 def holdout_prompts(holdout=DEFAULT_HOLDOUT) -> list[dict]:
@@ -392,9 +392,9 @@ def holdout_prompts(holdout=DEFAULT_HOLDOUT) -> list[dict]:
     prompts = []
     for color, shape in sorted(pairs):
         obj = {"color": color, "shape": shape}
-        prompts.append({"caption": _with_article(f"{color} {shape}"), "objects": [obj], "relation": None})
+        prompts.append({"caption": with_article(f"{color} {shape}"), "objects": [obj], "relation": None})
     for c1, s1, rel, c2, s2 in sorted(relations):
-        caption = f"{_with_article(f'{c1} {s1}')} {RELATIONS[rel]} {_with_article(f'{c2} {s2}')}"
+        caption = f"{with_article(f'{c1} {s1}')} {RELATIONS[rel]} {with_article(f'{c2} {s2}')}"
         objects = [{"color": c1, "shape": s1}, {"color": c2, "shape": s2}]
         prompts.append(
             {"caption": caption, "objects": objects, "relation": {"subject": 0, "object": 1, "relation": rel}}

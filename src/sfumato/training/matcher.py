@@ -23,7 +23,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from sfumato.checkpoints.native import save_model
-from sfumato.data.shapes import COLORS, POSITIONS, RELATIONS, SHAPES, true_positions
+from sfumato.data.shapes import (
+    COLORS,
+    NUMBERS,
+    PLURALS,
+    POSITIONS,
+    RELATIONS,
+    SHAPES,
+    list_phrases,
+    true_positions,
+    with_article,
+)
 from sfumato.models.clip import CLIP
 from sfumato.models.matcher import ImageTextMatcher, MatcherConfig
 from sfumato.pipelines.clip import clip_pixels
@@ -31,41 +41,28 @@ from sfumato.text.tokenizer import CLIPTokenizer
 from sfumato.training.ldm import unwrap
 from sfumato.training.task import BatchRandom, init_seeded
 
-_PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "diamond": "diamonds",
-           "cross": "crosses"}  # fmt: skip
-_SINGULAR = {v: k for k, v in _PLURAL.items()}
-_NUMBER = {"a": 1, "an": 1, "two": 2, "three": 3, "four": 4}
-_WORD = {2: "two", 3: "three", 4: "four"}
+# the caption grammar is the data set's (`data.shapes`): its plurals, number words, articles and lists
+_SINGULAR = {v: k for k, v in PLURALS.items()}
+_NUMBER = {"a": 1, "an": 1, **{word: n for n, word in NUMBERS.items()}}
 _PHRASE = re.compile(
     r"\b(a|an|two|three|four) (?:(small|large) )?("
     + "|".join(COLORS)
     + r") ("
-    + "|".join(list(_PLURAL) + list(_PLURAL.values()))
+    + "|".join(list(PLURALS) + list(PLURALS.values()))
     + r")\b"
 )
-_FLIP = {
-    "above": "below",
-    "below": "above",
-    "to the left of": "to the right of",
-    "to the right of": "to the left of",
-}
 _RELATION = re.compile(r" (" + "|".join(sorted(RELATIONS.values(), key=len, reverse=True)) + r") ")
 _POSITION = re.compile(r" (" + "|".join(sorted(POSITIONS.values(), key=len, reverse=True)) + r")$")
 
 
 def _phrase(n: int, size: str | None, color: str, shape: str) -> str:
-    words = " ".join(w for w in (size, color, shape if n == 1 else _PLURAL[shape]) if w)
-    if n == 1:
-        return ("an " if words[0] in "aeiou" else "a ") + words
-    return f"{_WORD[n]} {words}"
-
-
-def _join(parts: list[str]) -> str:
-    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    words = " ".join(w for w in (size, color, shape if n == 1 else PLURALS[shape]) if w)
+    return with_article(words) if n == 1 else f"{NUMBERS[n]} {words}"
 
 
 _MIRROR = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
 _RELATION_NAME = {words: name for name, words in RELATIONS.items()}
+_FLIP = {RELATIONS[a]: RELATIONS[b] for a, b in _MIRROR.items()}  # "above" -> "below", "to the left of" -> ...
 
 
 def states_holdout(caption: str, holdout: Mapping | None) -> bool:
@@ -163,7 +160,7 @@ def edited_caption(caption: str, attributes: Mapping | None, rng: random.Random)
         parts[k][1] = "small" if parts[k][1] == "large" else "large"
     phrases = [_phrase(*p) for p in parts]
     if edit in ("add", "drop"):  # the list's own words change: rewrite it
-        return _join(phrases)
+        return list_phrases(phrases)
     out, last = [], 0  # keep everything between the groups (relation or place words, "and", commas)
     for (span, *_), phrase in zip(found, phrases):
         out += [caption[last : span[0]], phrase]
